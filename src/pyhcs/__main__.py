@@ -1,0 +1,3 @@
+from pyhcs._cli import main
+
+main()

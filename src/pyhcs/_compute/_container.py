@@ -1,0 +1,768 @@
+"""Containers and processes: hcsshim's Container and Process, on Linux.
+
+A :class:`Container` or :class:`Process` is a *handle*: cheap, owned by the caller, closed
+with ``close()``. The compute system it refers to lives in the registry and, while it runs,
+in its supervisor (see ``_supervisor``), so any process on the machine can open it by id.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from .. import _layers
+from .._errors import (
+    ERR_ALREADY_CLOSED,
+    ERR_ALREADY_EXISTS,
+    ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST,
+    ERR_ELEMENT_NOT_FOUND,
+    ERR_INVALID_PROCESS_STATE,
+    ERR_TIMEOUT,
+    ERR_UNEXPECTED_PROCESS_ABORT,
+    ERR_VMCOMPUTE_ALREADY_STOPPED,
+    ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
+    ContainerError,
+    ContainerTimeoutError,
+    ErrorCode,
+    HcsError,
+    InvalidConfigError,
+    ProcessError,
+    ProcessTimeoutError,
+)
+from .._paths import Roots
+from .._registry import Registry
+from .._runtime._cgroups import manager as cgroup_manager
+from .._runtime._spec import container_spec, process_spec
+from .._schema import (
+    ComputeSystemQuery,
+    ContainerConfig,
+    ContainerProperties,
+    MemoryStats,
+    ProcessConfig,
+    ProcessListItem,
+    ProcessorStats,
+    Statistics,
+    StorageStats,
+    from_json,
+    to_dict,
+)
+from . import _protocol as P
+from ._supervisor import SUPERVISOR_SOCKET, launch, process_start_time
+
+__all__ = [
+    "Container",
+    "Process",
+    "create_container",
+    "create_container_with_json",
+    "open_container",
+    "get_containers",
+    "remove_container",
+]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: The exit code reported for a container whose supervisor died (as containerd does).
+SUPERVISOR_LOST_EXIT_CODE = 255
+
+
+def _check_id(container_id: str, op: str) -> None:
+    if not isinstance(container_id, str) or not _ID_RE.match(container_id):
+        raise InvalidConfigError(
+            op, message=f"invalid container id {container_id!r} "
+            "(letters, digits, '_', '.', '-'; at most 128; starting with a letter or digit)")
+
+
+def _registry(roots: Roots) -> Registry:
+    return Registry.open(roots.db_path)
+
+
+def _os_code(e: OSError) -> ErrorCode | None:
+    if e.errno == errno.ESRCH:
+        return ERR_ELEMENT_NOT_FOUND
+    return None
+
+
+def _reply_error(reply: dict[str, Any]) -> OSError | None:
+    if "error" in reply:
+        return OSError(int(reply.get("errno", errno.EIO)), reply["error"])
+    return None
+
+
+# -- recovery ------------------------------------------------------------------------------
+
+
+def _supervisor_alive(row: sqlite3.Row) -> bool:
+    pid = row["supervisor_pid"]
+    return bool(pid) and process_start_time(pid) == row["supervisor_start"]
+
+
+def _recover(reg: Registry, roots: Roots, container_id: str) -> None:
+    """Finish a container whose supervisor died: kill what is left, exit code 255."""
+    row = reg.query_one("SELECT * FROM containers WHERE id=?", (container_id,))
+    if row is None or row["state"] not in ("running", "paused"):
+        return
+    if _supervisor_alive(row):
+        return
+    try:
+        cg = cgroup_manager().open(container_id)
+        cg.kill_all()
+        cg.remove()
+    except OSError:
+        pass
+    reg.execute(
+        "UPDATE containers SET state='stopped', exit_code=?, exit_type='UnexpectedExit', "
+        "finished=?, supervisor_pid=NULL WHERE id=? AND state IN ('running','paused')",
+        (SUPERVISOR_LOST_EXIT_CODE, time.time(), container_id),
+    )
+    try:
+        os.unlink(roots.container_run_dir(container_id) / SUPERVISOR_SOCKET)
+    except OSError:
+        pass
+
+
+# -- containers ----------------------------------------------------------------------------
+
+
+class Container:
+    """A handle to a compute system (hcsshim's ``Container``).
+
+    Obtain one from :func:`create_container` or :func:`open_container`. Methods raise
+    :class:`ContainerError` (with ``code`` for the ``is_*`` predicates); after :meth:`close`
+    every method raises the already-closed error.
+    """
+
+    def __init__(self, container_id: str, roots: Roots) -> None:
+        self._id = container_id
+        self._roots = roots
+        self._closed = False
+        self._sock = str(roots.container_run_dir(container_id) / SUPERVISOR_SOCKET)
+
+    def __repr__(self) -> str:
+        return f"<pyhcs.Container {self._id}>"
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def id(self) -> str:
+        """The container's id."""
+        return self._id
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check(self, op: str) -> None:
+        if self._closed:
+            raise ContainerError(self._id, op, ERR_ALREADY_CLOSED)
+
+    def _row(self, op: str) -> sqlite3.Row:
+        row = _registry(self._roots).query_one("SELECT * FROM containers WHERE id=?",
+                                               (self._id,))
+        if row is None:
+            raise ContainerError(self._id, op, ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
+        return row
+
+    def _call(self, op: str, request: dict[str, Any], timeout: float | None = None
+              ) -> tuple[dict[str, Any], list[int]]:
+        """Ask the supervisor; if it is gone, recover and raise the stopped error."""
+        try:
+            reply, fds = P.call(self._sock, request, timeout)
+        except P.SupervisorGone:
+            row = self._row(op)
+            if row["state"] == "created":
+                raise ContainerError(self._id, op, ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
+                                     message="the container has not been started") from None
+            _recover(_registry(self._roots), self._roots, self._id)
+            raise ContainerError(self._id, op, ERR_VMCOMPUTE_ALREADY_STOPPED) from None
+        except OSError as e:
+            raise ContainerError(self._id, op, _os_code(e), message=str(e)) from e
+        err = _reply_error(reply)
+        if err is not None:
+            for fd in fds:
+                os.close(fd)
+            raise ContainerError(self._id, op, _os_code(err), message=str(err)) from err
+        return reply, fds
+
+    # -- hcsshim's Container -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the container: namespaces, cgroup and root filesystem are set up, ready for
+        :meth:`create_process`. The first process created becomes the container's pid 1;
+        when it exits, the container stops."""
+        self._check("Start")
+        reg = _registry(self._roots)
+        row = self._row("Start")
+        if row["state"] != "created":
+            raise ContainerError(self._id, "Start", ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
+                                 message=f"the container is {row['state']}")
+        spec = json.loads((self._roots.container_run_dir(self._id) / "config.json").read_text())
+        # claim the start so two clients cannot both start it
+        if reg.execute("UPDATE containers SET state='starting' WHERE id=? AND state='created'",
+                       (self._id,)) != 1:
+            raise ContainerError(self._id, "Start", ERR_VMCOMPUTE_OPERATION_INVALID_STATE)
+        try:
+            launch(self._id, self._roots, spec)
+        except OSError as e:
+            reg.execute("UPDATE containers SET state='created' WHERE id=?", (self._id,))
+            raise ContainerError(self._id, "Start", None, message=str(e)) from e
+
+    def shutdown(self) -> None:
+        """Ask the container to stop: its init gets SIGTERM. Returns at once; :meth:`wait`
+        observes the exit."""
+        self._check("Shutdown")
+        self._stop("Shutdown", "shutdown")
+
+    def terminate(self) -> None:
+        """Kill every process of the container. Returns at once; :meth:`wait` observes it."""
+        self._check("Terminate")
+        self._stop("Terminate", "terminate")
+
+    def _stop(self, op: str, what: str) -> None:
+        row = self._row(op)
+        if row["state"] == "stopped":
+            raise ContainerError(self._id, op, ERR_VMCOMPUTE_ALREADY_STOPPED)
+        if row["state"] == "created":
+            _registry(self._roots).execute(
+                "UPDATE containers SET state='stopped', exit_code=0, exit_type=?, finished=? "
+                "WHERE id=? AND state='created'",
+                ("Terminated" if what == "terminate" else "GracefulExit", time.time(),
+                 self._id))
+            return
+        self._call(op, {"op": what})
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the container has stopped. *timeout* is a deadline in seconds
+        (``None`` waits forever, ``0`` polls); past it :class:`ContainerTimeoutError`."""
+        self._check("Wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            row = self._row("Wait")
+            if row["state"] == "stopped":
+                return
+            if row["state"] in ("created", "starting"):
+                # nothing runs yet: poll the registry until it starts or stops
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ContainerTimeoutError(self._id, "Wait", ERR_TIMEOUT)
+                time.sleep(0.01)
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                P.call(self._sock, {"op": "wait"}, None if left is None else max(left, 1e-3))
+                return
+            except TimeoutError:
+                raise ContainerTimeoutError(self._id, "Wait", ERR_TIMEOUT) from None
+            except P.SupervisorGone:
+                _recover(_registry(self._roots), self._roots, self._id)
+                row = self._row("Wait")
+                if row["state"] == "stopped":
+                    return
+                time.sleep(0.005)  # between the supervisor's socket going and its record
+
+    def wait_timeout(self, timeout: float) -> None:
+        """hcsshim's WaitTimeout: :meth:`wait` with a deadline in seconds."""
+        self.wait(timeout)
+
+    def pause(self) -> None:
+        """Freeze every process of the container (cgroup freezer)."""
+        self._check("Pause")
+        self._call("Pause", {"op": "pause"})
+
+    def resume(self) -> None:
+        """Thaw a paused container."""
+        self._check("Resume")
+        self._call("Resume", {"op": "resume"})
+
+    def has_pending_updates(self) -> bool:
+        """Always False: Linux containers have no Windows servicing updates to install."""
+        self._check("HasPendingUpdates")
+        self._row("HasPendingUpdates")
+        return False
+
+    def statistics(self) -> Statistics:
+        """Memory, processor and storage counters of the container's cgroup now."""
+        self._check("Statistics")
+        row = self._row("Statistics")
+        if row["state"] not in ("running", "paused"):
+            raise ContainerError(self._id, "Statistics", ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
+                                 message=f"the container is {row['state']}")
+        st = cgroup_manager().open(self._id).stats()
+        now = datetime.now(timezone.utc)
+        started = datetime.fromtimestamp(row["started"] or time.time(), timezone.utc)
+        return Statistics(
+            timestamp=now,
+            container_start_time=started,
+            uptime_100ns=max(0, int((now - started).total_seconds() * 1e7)),
+            memory=MemoryStats(usage_commit_bytes=st.memory_usage,
+                               usage_commit_peak_bytes=st.memory_max_usage,
+                               usage_private_working_set_bytes=st.memory_private_working_set),
+            processor=ProcessorStats(total_runtime_100ns=st.cpu_total_ns // 100,
+                                     runtime_user_100ns=st.cpu_user_ns // 100,
+                                     runtime_kernel_100ns=st.cpu_kernel_ns // 100),
+            storage=StorageStats(read_count_normalized=st.io_read_ops,
+                                 read_size_bytes=st.io_read_bytes,
+                                 write_count_normalized=st.io_write_ops,
+                                 write_size_bytes=st.io_write_bytes),
+        )
+
+    def process_list(self) -> list[ProcessListItem]:
+        """The processes in the container now (pids as seen inside it)."""
+        self._check("ProcessList")
+        self._row("ProcessList")
+        items = []
+        tick = os.sysconf("SC_CLK_TCK")
+        boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+        page = os.sysconf("SC_PAGE_SIZE")
+        for pid in cgroup_manager().open(self._id).pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                status = Path(f"/proc/{pid}/status").read_text()
+                statm = Path(f"/proc/{pid}/statm").read_text().split()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1: stat.rindex(")")]
+            f = stat.rsplit(")", 1)[1].split()
+            inner = pid
+            for line in status.splitlines():
+                if line.startswith("NSpid:"):
+                    inner = int(line.split()[-1])
+            items.append(ProcessListItem(
+                process_id=inner,
+                image_name=name,
+                create_timestamp=datetime.fromtimestamp(boot + int(f[19]) / tick, timezone.utc),
+                user_time_100ns=int(f[11]) * 10_000_000 // tick,
+                kernel_time_100ns=int(f[12]) * 10_000_000 // tick,
+                memory_commit_bytes=int(statm[0]) * page,
+                memory_working_set_private_bytes=(int(statm[1]) - int(statm[2])) * page,
+                memory_working_set_shared_bytes=int(statm[2]) * page,
+            ))
+        return items
+
+    def create_process(self, config: ProcessConfig) -> Process:
+        """Start a process in the running container and return its handle.
+
+        Pipes are created per ``create_std_*_pipe``; get them with :meth:`Process.stdio`.
+        The first process becomes the container's pid 1. If the program cannot be executed
+        the process exists already exited with ``WAIT_ERR_EXEC_FAILED`` (32767) and
+        :attr:`Process.exec_error` says why.
+        """
+        self._check("CreateProcess")
+        row = self._row("CreateProcess")
+        image_cfg = json.loads(row["config"]).get("_pyhcs_image", {})
+        env = dict(e.split("=", 1) for e in image_cfg.get("Env", []) if "=" in e)
+        proc = process_spec(config, default_env=env,
+                            default_cwd=image_cfg.get("WorkingDir") or "/")
+        if not config.user and image_cfg.get("User"):
+            proc["pyhcsUser"] = image_cfg["User"]
+        reply, fds = self._call("CreateProcess", {
+            "op": "exec", "process": proc,
+            "stdin": config.create_std_in_pipe, "stdout": config.create_std_out_pipe,
+            "stderr": config.create_std_err_pipe,
+        })
+        return Process(self, int(reply["pid"]), _FdSet.from_reply(reply, fds),
+                       exec_error=reply.get("exec_error", ""),
+                       exec_errno=int(reply.get("exec_errno", 0)))
+
+    def open_process(self, pid: int) -> Process:
+        """A handle to the process *pid* (as seen inside the container)."""
+        self._check("OpenProcess")
+        try:
+            reply, _ = P.call(self._sock, {"op": "process", "pid": pid})
+        except P.SupervisorGone:
+            row = _registry(self._roots).query_one(
+                "SELECT * FROM processes WHERE container_id=? AND inner_pid=? "
+                "ORDER BY created DESC LIMIT 1", (self._id, pid))
+            if row is None:
+                raise ProcessError(self._id, pid, "OpenProcess", ERR_ELEMENT_NOT_FOUND) from None
+            return Process(self, pid, None, exit_code=row["exit_code"])
+        if "error" in reply:
+            raise ProcessError(self._id, pid, "OpenProcess", ERR_ELEMENT_NOT_FOUND,
+                               message=reply["error"])
+        return Process(self, pid, None, exec_error=reply.get("exec_error", ""),
+                       exit_code=reply.get("exit_code"))
+
+    def properties(self) -> ContainerProperties:
+        """What the registry knows of the container (hcsshim's ContainerProperties)."""
+        self._check("Properties")
+        return _properties(self._row("Properties"))
+
+    def close(self) -> None:
+        """Release the handle. The container itself goes on; idempotent."""
+        self._closed = True
+
+
+def _properties(row: sqlite3.Row) -> ContainerProperties:
+    return ContainerProperties(
+        id=row["id"], name=row["name"], system_type=row["system_type"], owner=row["owner"],
+        runtime_id=str(row["supervisor_pid"] or ""), stopped=row["state"] == "stopped",
+        exit_type=row["exit_type"],
+    )
+
+
+class _FdSet:
+    """The client ends of a process's stdio, as received from the supervisor."""
+
+    def __init__(self, stdin: int, stdout: int, stderr: int) -> None:
+        self.fds = (stdin, stdout, stderr)
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any], fds: list[int]) -> _FdSet:
+        which = reply.get("fds", {})
+        it = iter(fds)
+        got = [next(it) if which.get(n) else -1 for n in ("stdin", "stdout", "stderr")]
+        return cls(*got)
+
+
+class Process:
+    """A handle to a process in a container (hcsshim's ``Process``).
+
+    :attr:`pid` is the pid inside the container. Stdio is file-like; :meth:`wait` takes a
+    deadline; :meth:`exit_code` is valid once the process has exited.
+    """
+
+    def __init__(self, container: Container, pid: int, fds: _FdSet | None, *,
+                 exec_error: str = "", exec_errno: int = 0, exit_code: int | None = None
+                 ) -> None:
+        self._container = container
+        self._pid = pid
+        self._fds = fds
+        self._handed: list[IO[bytes]] = []
+        self._exit_code = exit_code
+        self._closed = False
+        #: why the program could not be executed ('' if it was)
+        self.exec_error = exec_error
+        #: the errno of that failure (0 if none)
+        self.exec_errno = exec_errno
+
+    def __repr__(self) -> str:
+        return f"<pyhcs.Process {self._container.id}:{self._pid}>"
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        """The process id inside the container."""
+        return self._pid
+
+    @property
+    def container_id(self) -> str:
+        return self._container.id
+
+    def _check(self, op: str) -> None:
+        if self._closed:
+            raise ProcessError(self._container.id, self._pid, op, ERR_ALREADY_CLOSED)
+
+    def _call(self, op: str, request: dict[str, Any], timeout: float | None = None
+              ) -> tuple[dict[str, Any], list[int]]:
+        request = {**request, "pid": self._pid}
+        try:
+            reply, fds = P.call(self._container._sock, request, timeout)
+        except P.SupervisorGone:
+            raise ProcessError(self._container.id, self._pid, op,
+                               ERR_ELEMENT_NOT_FOUND) from None
+        err = _reply_error(reply)
+        if err is not None:
+            for fd in fds:
+                os.close(fd)
+            raise ProcessError(self._container.id, self._pid, op, _os_code(err),
+                               message=str(err)) from err
+        return reply, fds
+
+    def stdio(self) -> tuple[IO[bytes] | None, IO[bytes] | None, IO[bytes] | None]:
+        """Fresh (stdin, stdout, stderr) file objects; ``None`` where no pipe was asked for.
+
+        Closing them does not close the process's pipes: call again for new ones.
+        """
+        self._check("Stdio")
+        if self._fds is not None:
+            fds, self._fds = self._fds.fds, None
+        else:
+            reply, got = self._call("Stdio", {"op": "stdio"})
+            fds = _FdSet.from_reply(reply, got).fds
+        files: list[IO[bytes] | None] = []
+        for i, fd in enumerate(fds):
+            if fd < 0:
+                files.append(None)
+                continue
+            f = open(fd, "wb", buffering=0) if i == 0 else open(fd, "rb")  # noqa: SIM115
+            self._handed.append(f)
+            files.append(f)
+        return files[0], files[1], files[2]
+
+    def close_stdin(self) -> None:
+        """Close the write side of stdin: the process reads EOF once every copy is closed
+        (this closes the ones this handle gave out)."""
+        self._check("CloseStdin")
+        for f in self._handed:
+            if f.writable() and not f.closed:
+                f.close()
+        if self._fds is not None and self._fds.fds[0] >= 0:
+            os.close(self._fds.fds[0])
+            self._fds = _FdSet(-1, self._fds.fds[1], self._fds.fds[2])
+        self._call("CloseStdin", {"op": "close_stdin"})
+
+    def kill(self) -> None:
+        """Send SIGKILL; does not wait for the process to end."""
+        self._check("Kill")
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        """Send *sig* to the process."""
+        self._check("Signal")
+        self._call("Signal", {"op": "signal", "signal": int(sig)})
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the process exits and return its exit code; *timeout* is a deadline
+        in seconds (``0`` polls). Past it :class:`ProcessTimeoutError`."""
+        self._check("Wait")
+        if self._exit_code is not None:
+            return self._exit_code
+        try:
+            reply, _ = P.call(self._container._sock, {"op": "wait", "pid": self._pid},
+                              None if timeout is None else max(timeout, 1e-3))
+        except TimeoutError:
+            raise ProcessTimeoutError(self._container.id, self._pid, "Wait",
+                                      ERR_TIMEOUT) from None
+        except P.SupervisorGone:
+            code = self._recorded_exit()
+            if code is None:
+                raise ProcessError(self._container.id, self._pid, "Wait",
+                                   ERR_UNEXPECTED_PROCESS_ABORT) from None
+            self._exit_code = code
+            return code
+        if "error" in reply:
+            raise ProcessError(self._container.id, self._pid, "Wait", ERR_ELEMENT_NOT_FOUND,
+                               message=reply["error"])
+        self._exit_code = int(reply["exit_code"])
+        return self._exit_code
+
+    def wait_timeout(self, timeout: float) -> int:
+        """hcsshim's WaitTimeout: :meth:`wait` with a deadline in seconds."""
+        return self.wait(timeout)
+
+    def _recorded_exit(self) -> int | None:
+        c = self._container
+        reg = _registry(c._roots)
+        _recover(reg, c._roots, c.id)
+        row = reg.query_one(
+            "SELECT exit_code FROM processes WHERE container_id=? AND inner_pid=? "
+            "ORDER BY created DESC LIMIT 1", (c.id, self._pid))
+        if row is not None and row["exit_code"] is not None:
+            return int(row["exit_code"])
+        crow = reg.query_one("SELECT state, exit_code FROM containers WHERE id=?", (c.id,))
+        if crow is not None and crow["state"] == "stopped":
+            # the supervisor died before it could record this process
+            return SUPERVISOR_LOST_EXIT_CODE
+        return None
+
+    def exit_code(self) -> int:
+        """The exit code (128+N after signal N); the invalid-state error while it runs."""
+        self._check("ExitCode")
+        if self._exit_code is None:
+            try:
+                reply, _ = self._call("ExitCode", {"op": "process"})
+                code = reply.get("exit_code")
+            except ProcessError:
+                code = self._recorded_exit()
+            if code is None:
+                raise ProcessError(self._container.id, self._pid, "ExitCode",
+                                   ERR_INVALID_PROCESS_STATE)
+            self._exit_code = int(code)
+        return self._exit_code
+
+    def resize_console(self, width: int, height: int) -> None:
+        """Set the size of the process's console (pty)."""
+        self._check("ResizeConsole")
+        self._call("ResizeConsole", {"op": "resize", "width": width, "height": height})
+
+    def close(self) -> None:
+        """Release the handle (and stdio it still holds unused); the process goes on."""
+        if self._fds is not None:
+            for fd in self._fds.fds:
+                if fd >= 0:
+                    os.close(fd)
+            self._fds = None
+        self._closed = True
+
+
+# -- module functions ---------------------------------------------------------------------
+
+
+def create_container(container_id: str, config: ContainerConfig, *,
+                     roots: Roots | None = None, image_config: dict[str, Any] | None = None,
+                     auto_remove: bool = False) -> Container:
+    """Create a container (not started) from *config*; return its handle.
+
+    With ``config.layer_folder_path`` the caller's prepared sandbox layer is the root
+    filesystem. Otherwise pyhcs makes a sandbox layer over ``config.layers`` (topmost
+    first) and removes it with the container.
+    """
+    op = "CreateContainer"
+    _check_id(container_id, op)
+    roots = roots or Roots.resolve()
+    reg = _registry(roots)
+    run_dir = roots.container_run_dir(container_id)
+    doc = to_dict(config)
+    if image_config:
+        doc["_pyhcs_image"] = image_config
+    sandbox = home = ""
+    try:
+        with reg.transaction() as c:
+            c.execute(
+                "INSERT INTO containers(id, name, owner, system_type, config, state, created, "
+                "auto_remove) VALUES (?,?,?,?,?,?,?,?)",
+                (container_id, config.name, config.owner, config.system_type or "Container",
+                 json.dumps(doc), "creating", time.time(), int(auto_remove)))
+    except sqlite3.IntegrityError:
+        raise ContainerError(container_id, op, ERR_ALREADY_EXISTS) from None
+    try:
+        if config.layer_folder_path:
+            folder = os.path.abspath(config.layer_folder_path)
+            info = _layers.DriverInfo(1, os.path.dirname(folder))
+            rootfs = _layers.get_layer_mount_path(info, os.path.basename(folder))
+        elif config.layers:
+            info = _layers.DriverInfo()
+            home, sandbox = info.home_dir, container_id
+            parents = [layer.path for layer in config.layers]
+            _layers.create_sandbox_layer(info, sandbox, config.layers[0].id, parents)
+            try:
+                _layers.prepare_layer(info, sandbox, parents)
+            except BaseException:
+                _layers.destroy_layer(info, sandbox)
+                raise
+            rootfs = _layers.get_layer_mount_path(info, sandbox)
+        else:
+            raise InvalidConfigError(op, message="Layers is empty and no LayerFolderPath given")
+        try:
+            spec = container_spec(container_id, config, rootfs)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(spec, indent=1))
+        except BaseException:
+            if sandbox:
+                _layers.unprepare_layer(info, sandbox)
+                _layers.destroy_layer(info, sandbox)
+            raise
+    except BaseException as e:
+        reg.execute("DELETE FROM containers WHERE id=?", (container_id,))
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(e, HcsError):
+            raise
+        if isinstance(e, OSError):
+            raise ContainerError(container_id, op, None, message=str(e)) from e
+        raise
+    reg.execute("UPDATE containers SET state='created', sandbox_layer=?, layer_home=? "
+                "WHERE id=?", (sandbox, home, container_id))
+    return Container(container_id, roots)
+
+
+def create_container_with_json(container_id: str, config: ContainerConfig, extra_json: str,
+                               *, roots: Roots | None = None) -> Container:
+    """hcsshim's CreateContainerWithJSON: *extra_json* (an object in hcsshim's names) is
+    merged over the config document before the container is created."""
+    try:
+        extra = json.loads(extra_json) if extra_json else {}
+    except ValueError as e:
+        raise InvalidConfigError("CreateContainer", message=f"extra JSON: {e}") from e
+    if not isinstance(extra, dict):
+        raise InvalidConfigError("CreateContainer", message="extra JSON is not an object")
+    merged = {**to_dict(config), **extra}
+    return create_container(container_id, from_json(ContainerConfig, json.dumps(merged)),
+                            roots=roots)
+
+
+def open_container(container_id: str, *, roots: Roots | None = None) -> Container:
+    """A handle to an existing container, created by any process."""
+    _check_id(container_id, "OpenContainer")
+    roots = roots or Roots.resolve()
+    reg = _registry(roots)
+    row = reg.query_one("SELECT state FROM containers WHERE id=?", (container_id,))
+    if row is None or row["state"] == "creating":
+        raise ContainerError(container_id, "OpenContainer", ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
+    _recover(reg, roots, container_id)
+    return Container(container_id, roots)
+
+
+def get_containers(query: ComputeSystemQuery | None = None, *, roots: Roots | None = None
+                   ) -> list[ContainerProperties]:
+    """The containers matching *query* (every list given must contain the value)."""
+    roots = roots or Roots.resolve()
+    q = query or ComputeSystemQuery()
+    reg = _registry(roots)
+    out = []
+    for row in reg.query("SELECT * FROM containers WHERE state != 'creating' ORDER BY created"):
+        if row["state"] in ("running", "paused") and not _supervisor_alive(row):
+            _recover(reg, roots, row["id"])
+            row = reg.query_one("SELECT * FROM containers WHERE id=?", (row["id"],))
+            if row is None:
+                continue
+        if q.ids and row["id"] not in q.ids:
+            continue
+        if q.names and row["name"] not in q.names:
+            continue
+        if q.types and row["system_type"] not in q.types:
+            continue
+        if q.owners and row["owner"] not in q.owners:
+            continue
+        out.append(_properties(row))
+    return out
+
+
+def container_state(container_id: str, *, roots: Roots | None = None) -> dict[str, Any]:
+    """The registry's record of a container: state, exit code, times (for inspect)."""
+    roots = roots or Roots.resolve()
+    reg = _registry(roots)
+    _recover(reg, roots, container_id)
+    row = reg.query_one("SELECT * FROM containers WHERE id=?", (container_id,))
+    if row is None:
+        raise ContainerError(container_id, "Inspect", ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
+    return dict(row)
+
+
+def remove_container(container_id: str, *, force: bool = False,
+                     roots: Roots | None = None) -> None:
+    """Delete a stopped container: its record, run directory and the sandbox pyhcs made.
+
+    A running container is refused unless *force*, which terminates it first.
+    """
+    op = "RemoveContainer"
+    _check_id(container_id, op)
+    roots = roots or Roots.resolve()
+    reg = _registry(roots)
+    _recover(reg, roots, container_id)
+    row = reg.query_one("SELECT * FROM containers WHERE id=?", (container_id,))
+    if row is None:
+        raise ContainerError(container_id, op, ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
+    if row["state"] in ("running", "paused", "starting"):
+        if not force:
+            raise ContainerError(container_id, op, ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
+                                 message="the container is running (use force)")
+        c = Container(container_id, roots)
+        try:
+            if row["state"] == "paused":
+                c.resume()
+            c.terminate()
+        except ContainerError:
+            pass
+        c.wait(30)
+    if row["sandbox_layer"]:
+        info = _layers.DriverInfo(1, row["layer_home"])
+        try:
+            _layers.unprepare_layer(info, row["sandbox_layer"])
+        except HcsError:
+            pass  # not prepared (a crash between steps): destroying is what matters
+        _layers.destroy_layer(info, row["sandbox_layer"])
+    reg.execute("DELETE FROM containers WHERE id=?", (container_id,))
+    shutil.rmtree(roots.container_run_dir(container_id), ignore_errors=True)

@@ -1,0 +1,523 @@
+"""The supervisor: one per running container, the parent of all its processes.
+
+It is forked (twice, so it belongs to no client) when a container starts, owns the
+container's namespaces and cgroup, reaps every process it spawns, records exits in the
+registry and serves clients over a unix socket in the container's run directory. Clients
+may come and go; nothing is lost when the creating client exits. When the container's
+init exits (or the container is terminated) the supervisor records the result, removes the
+cgroup, answers every waiter, and exits.
+
+If the supervisor itself is killed, the container's init dies with it (PDEATHSIG) and the
+next client to look finds the supervisor gone and runs recovery: exit code 255.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import _linux as L
+from .._paths import Roots
+from .._registry import Registry
+from .._runtime._native import Sandbox, create_sandbox, spawn
+from . import _protocol as P
+
+__all__ = ["launch", "process_start_time", "SUPERVISOR_SOCKET"]
+
+SUPERVISOR_SOCKET = "sup.sock"
+_TIOCSWINSZ = 0x5414
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of *pid*, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data.rsplit(b")", 1)[1].split()[19])
+
+
+def _inner_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return pid
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+@dataclass
+class _Proc:
+    pid: int
+    inner_pid: int
+    pidfd: int
+    config: dict[str, Any]
+    stdin_w: int = -1
+    stdout_r: int = -1
+    stderr_r: int = -1
+    console: int = -1
+    exit_code: int | None = None
+    exec_error: str = ""
+    created: float = field(default_factory=time.time)
+    waiters: list[socket.socket] = field(default_factory=list)
+
+    def client_fds(self) -> tuple[list[int], dict[str, bool]]:
+        fds = []
+        which = {}
+        for name, fd in (("stdin", self.stdin_w), ("stdout", self.stdout_r),
+                         ("stderr", self.stderr_r)):
+            which[name] = fd >= 0
+            if fd >= 0:
+                fds.append(fd)
+        return fds, which
+
+    def close_fds(self) -> None:
+        for attr in ("stdin_w", "stdout_r", "stderr_r", "console"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+
+class Supervisor:
+    def __init__(self, container_id: str, roots: Roots, spec: dict[str, Any]) -> None:
+        self.id = container_id
+        self.roots = roots
+        self.spec = spec
+        self.run_dir = roots.container_run_dir(container_id)
+        self.sel = selectors.DefaultSelector()
+        self.procs: dict[int, _Proc] = {}  # by host pid
+        self.init_pid = 0
+        self.container_waiters: list[socket.socket] = []
+        self.sandbox: Sandbox | None = None
+        self.stopping = False
+        self.done = False
+        self.exit_type = ""
+        self.listener: socket.socket | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.sandbox = create_sandbox(self.id, self.spec)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        path = str(self.run_dir / SUPERVISOR_SOCKET)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        addr, dfd = P.address(path)
+        try:
+            self.listener.bind(addr)
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+        os.chmod(path, 0o600)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        reg = Registry.open(self.roots.db_path)
+        reg.execute(
+            "UPDATE containers SET state='running', started=?, supervisor_pid=?, "
+            "supervisor_start=? WHERE id=?",
+            (time.time(), os.getpid(), process_start_time(os.getpid()), self.id),
+        )
+
+    def loop(self) -> None:
+        while not self.done:
+            for key, _ in self.sel.select():
+                kind, obj = key.data
+                try:
+                    if kind == "accept":
+                        self._accept()
+                    elif kind == "conn":
+                        self._serve(key.fileobj)  # type: ignore[arg-type]
+                    elif kind == "exit":
+                        self._reap(obj)
+                except Exception:
+                    traceback.print_exc()
+            if self.stopping and not self.procs_alive():
+                self._finish()
+
+    def procs_alive(self) -> bool:
+        return any(p.exit_code is None for p in self.procs.values())
+
+    def _finish(self) -> None:
+        """Record the container's end, release its kernel state, answer waiters."""
+        sb = self.sandbox
+        if sb is not None:
+            try:
+                sb.cgroup.kill_all()
+            except OSError:
+                pass
+            oom = False
+            try:
+                oom = sb.cgroup.oom_killed()
+            except OSError:
+                pass
+            init = self.procs.get(self.init_pid)
+            code = init.exit_code if init and init.exit_code is not None else 0
+            if not self.exit_type:
+                self.exit_type = "OOMKilled" if oom and code == 137 else "Exited"
+            sb.close()
+            try:
+                sb.cgroup.remove()
+            except OSError:
+                traceback.print_exc()
+            self.sandbox = None
+        else:
+            code = 0
+        init = self.procs.get(self.init_pid)
+        code = init.exit_code if init and init.exit_code is not None else 0
+        reg = Registry.open(self.roots.db_path)
+        now = time.time()
+        with reg.transaction() as c:
+            c.execute(
+                "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=?, "
+                "supervisor_pid=NULL WHERE id=?",
+                (code, self.exit_type, now, self.id),
+            )
+            for p in self.procs.values():
+                self._record(c, p)
+        for w in self.container_waiters:
+            self._reply(w, {"exit_code": code, "exit_type": self.exit_type})
+        self.container_waiters.clear()
+        if self.listener is not None:
+            try:
+                os.unlink(self.run_dir / SUPERVISOR_SOCKET)
+            except OSError:
+                pass
+            self.listener.close()
+        self.done = True
+
+    def _record(self, c: Any, p: _Proc) -> None:
+        c.execute(
+            "INSERT OR REPLACE INTO processes(container_id, pid, inner_pid, config, exit_code, "
+            "created, finished) VALUES (?,?,?,?,?,?,?)",
+            (self.id, p.pid, p.inner_pid, json.dumps(p.config), p.exit_code, p.created,
+             time.time()),
+        )
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
+
+    def _drop(self, conn: socket.socket) -> None:
+        try:
+            self.sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _reply(self, conn: socket.socket, obj: dict[str, Any], fds: list[int] | None = None
+               ) -> None:
+        try:
+            P.send(conn, obj, fds)
+        except OSError:
+            pass  # the client went away; its loss
+        self._drop(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            req, fds = P.recv(conn)
+        except (OSError, ValueError):
+            self._drop(conn)
+            return
+        for fd in fds:
+            os.close(fd)
+        if req is None:
+            # a waiter hung up (timeout): forget it
+            for p in self.procs.values():
+                if conn in p.waiters:
+                    p.waiters.remove(conn)
+            if conn in self.container_waiters:
+                self.container_waiters.remove(conn)
+            self._drop(conn)
+            return
+        op = req.get("op")
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            self._reply(conn, {"error": f"unknown operation {op!r}", "errno": errno.EINVAL})
+            return
+        try:
+            handler(conn, req)
+        except OSError as e:
+            self._reply(conn, {"error": str(e), "errno": e.errno or errno.EIO})
+        except Exception as e:
+            traceback.print_exc()
+            self._reply(conn, {"error": f"{type(e).__name__}: {e}", "errno": errno.EIO})
+
+    def _find(self, req: dict[str, Any]) -> _Proc:
+        pid = req.get("pid")
+        if pid is None:
+            p = self.procs.get(self.init_pid)
+        else:
+            p = next((q for q in reversed(self.procs.values()) if q.inner_pid == pid), None)
+        if p is None:
+            raise OSError(errno.ESRCH, f"no process {pid} in the container")
+        return p
+
+    # -- operations --------------------------------------------------------------------------
+
+    def _op_exec(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        if self.stopping or self.sandbox is None:
+            raise OSError(errno.ESRCH, "the container is stopping")
+        process = req["process"]
+        child_fds: list[int] = []
+        ours: dict[str, int] = {}
+        console = -1
+        try:
+            if process.get("terminal"):
+                master, slave = os.openpty()
+                os.set_blocking(master, True)
+                child_fds.append(slave)
+                cs = process.get("consoleSize")
+                if cs:
+                    _resize(master, cs["width"], cs["height"])
+                stdio = (slave, slave, slave)
+                ours = {"stdin": master, "stdout": os.dup(master)}
+                console = slave
+            else:
+                io = []
+                for name, want in (("stdin", req.get("stdin")), ("stdout", req.get("stdout")),
+                                   ("stderr", req.get("stderr"))):
+                    if want:
+                        r, w = os.pipe2(os.O_CLOEXEC)
+                        theirs, mine = (r, w) if name == "stdin" else (w, r)
+                        child_fds.append(theirs)
+                        ours[name] = mine
+                        io.append(theirs)
+                    else:
+                        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                        child_fds.append(fd)
+                        io.append(fd)
+                stdio = (io[0], io[1], io[2])
+            result = spawn(self.sandbox, process, stdio, console=console)
+        except BaseException:
+            for fd in [*child_fds, *ours.values()]:
+                os.close(fd)
+            raise
+        for fd in child_fds:
+            os.close(fd)
+        first = not self.init_pid
+        if first:
+            self.init_pid = result.pid
+        pidfd = os.pidfd_open(result.pid)
+        p = _Proc(result.pid, _inner_pid(result.pid), pidfd, process,
+                  stdin_w=ours.get("stdin", -1), stdout_r=ours.get("stdout", -1),
+                  stderr_r=ours.get("stderr", -1), exec_error=result.exec_error)
+        if process.get("terminal"):
+            p.console = os.dup(ours["stdin"])
+        self.procs[result.pid] = p
+        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", result.pid))
+        fds, which = p.client_fds()
+        self._reply(conn, {"pid": p.inner_pid, "host_pid": p.pid, "init": first,
+                           "exec_error": result.exec_error, "exec_errno": result.exec_errno,
+                           "fds": which}, fds)
+
+    def _op_stdio(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        p = self._find(req)
+        fds, which = p.client_fds()
+        self._reply(conn, {"fds": which}, fds)
+
+    def _op_close_stdin(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        p = self._find(req)
+        if p.stdin_w >= 0:
+            os.close(p.stdin_w)
+            p.stdin_w = -1
+        self._reply(conn, {})
+
+    def _op_resize(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        p = self._find(req)
+        if p.console < 0:
+            raise OSError(errno.ENOTTY, "the process has no console")
+        _resize(p.console, int(req["width"]), int(req["height"]))
+        self._reply(conn, {})
+
+    def _op_signal(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        p = self._find(req)
+        if p.exit_code is not None:
+            raise OSError(errno.ESRCH, "the process has already exited")
+        os.kill(p.pid, int(req.get("signal", signal.SIGKILL)))
+        self._reply(conn, {})
+
+    def _op_wait(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        if req.get("pid") is None and req.get("container", True):
+            self.container_waiters.append(conn)
+            return
+        p = self._find(req)
+        if p.exit_code is not None:
+            self._reply(conn, {"exit_code": p.exit_code})
+        else:
+            p.waiters.append(conn)
+
+    def _op_state(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        procs = [{"pid": p.inner_pid, "host_pid": p.pid, "exit_code": p.exit_code,
+                  "exec_error": p.exec_error, "config": p.config}
+                 for p in self.procs.values()]
+        init = self.procs.get(self.init_pid)
+        self._reply(conn, {"state": "stopping" if self.stopping else "running",
+                           "init": init.inner_pid if init else 0, "processes": procs})
+
+    def _op_process(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        p = self._find(req)
+        self._reply(conn, {"pid": p.inner_pid, "host_pid": p.pid, "exit_code": p.exit_code,
+                           "exec_error": p.exec_error, "config": p.config})
+
+    def _op_shutdown(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        init = self.procs.get(self.init_pid)
+        if init is not None and init.exit_code is None:
+            os.kill(init.pid, signal.SIGTERM)
+            self.exit_type = self.exit_type or "GracefulExit"
+        else:
+            self.exit_type = self.exit_type or "GracefulExit"
+            self.stopping = True
+        self._reply(conn, {})
+
+    def _op_terminate(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        self.exit_type = self.exit_type or "Terminated"
+        self.stopping = True
+        if self.sandbox is not None:
+            self.sandbox.cgroup.kill_all()
+        self._reply(conn, {})
+
+    def _op_pause(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        assert self.sandbox is not None
+        self.sandbox.cgroup.freeze()
+        Registry.open(self.roots.db_path).execute(
+            "UPDATE containers SET state='paused' WHERE id=?", (self.id,))
+        self._reply(conn, {})
+
+    def _op_resume(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        assert self.sandbox is not None
+        self.sandbox.cgroup.thaw()
+        Registry.open(self.roots.db_path).execute(
+            "UPDATE containers SET state='running' WHERE id=?", (self.id,))
+        self._reply(conn, {})
+
+    # -- exits -------------------------------------------------------------------------------
+
+    def _reap(self, pid: int) -> None:
+        p = self.procs[pid]
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            reaped, status = pid, -1
+        if reaped == 0:
+            return  # not yet (a spurious wakeup)
+        self.sel.unregister(p.pidfd)
+        os.close(p.pidfd)
+        if p.exec_error:
+            from .._errors import WAIT_ERR_EXEC_FAILED
+
+            p.exit_code = WAIT_ERR_EXEC_FAILED
+        else:
+            p.exit_code = _exit_code(status) if status >= 0 else 255
+        for w in p.waiters:
+            self._reply(w, {"exit_code": p.exit_code})
+        p.waiters.clear()
+        if pid == self.init_pid:
+            self.stopping = True
+            if self.sandbox is not None and self.sandbox.cgroup.pids():
+                self.sandbox.cgroup.kill_all()
+        else:
+            # an exec'd process: its pipes are the clients' now; record its exit
+            p.close_fds()
+            reg = Registry.open(self.roots.db_path)
+            with reg.transaction() as c:
+                self._record(c, p)
+
+
+def _resize(fd: int, width: int, height: int) -> None:
+    import fcntl
+    import struct
+
+    fcntl.ioctl(fd, _TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def _become_daemon(keep: int, log_path: Path) -> None:
+    """Detach from the client: new session, no inherited fds, /dev/null stdio, sane signals."""
+    os.setsid()
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
+              signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    null = os.open(os.devnull, os.O_RDWR)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(log, 2)
+    L.close_range_from(3, keep=(keep,))
+    os.chdir("/")
+
+
+def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> int:
+    """Fork the supervisor of *container_id*, start the container, return the supervisor pid.
+
+    Raises ``OSError`` with the supervisor's reason if the container could not start.
+    """
+    run_dir = roots.container_run_dir(container_id)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            if os.fork() != 0:
+                os._exit(0)  # the intermediate: the supervisor is re-parented away from us
+            _become_daemon(w, run_dir / "supervisor.log")
+            sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
+            sup = Supervisor(container_id, roots, spec)
+            sup.start()
+            os.write(w, json.dumps({"pid": os.getpid()}).encode())
+            os.close(w)
+            sup.loop()
+            os._exit(0)
+        except BaseException as e:
+            try:
+                traceback.print_exc()
+                code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+                os.write(w, json.dumps({"errno": code, "error": str(e)}).encode())
+            finally:
+                os._exit(1)
+    os.close(w)
+    try:
+        os.waitpid(pid, 0)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+    if not data:
+        raise OSError(errno.EIO, "the supervisor died while starting the container")
+    msg = json.loads(data)
+    if "error" in msg:
+        raise OSError(msg["errno"], msg["error"])
+    return int(msg["pid"])

@@ -1,0 +1,163 @@
+"""The registry: one embedded SQLite database for everything pyhcs knows.
+
+It holds layers, images, containers and processes (and, with the network service,
+networks, endpoints and IP allocations). WAL mode lets readers run beside one writer,
+and a busy timeout makes concurrent clients wait instead of failing. Every write is one
+short transaction; nothing holds a transaction open across a slow operation.
+
+A connection belongs to one process: after ``fork`` the child opens its own
+(:meth:`Registry.open` checks the pid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Registry"]
+
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    id          TEXT PRIMARY KEY,
+    parent      TEXT,
+    kind        TEXT NOT NULL,           -- 'base' | 'layer' | 'sandbox'
+    path        TEXT NOT NULL,           -- absolute folder of the layer
+    flavour     INTEGER NOT NULL,        -- DriverInfo.flavour when created
+    state       TEXT NOT NULL,           -- 'importing' | 'ready'
+    digest      TEXT,                    -- sha256 of the imported archive, if any
+    size        INTEGER NOT NULL DEFAULT 0,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    name        TEXT PRIMARY KEY,
+    top_layer   TEXT NOT NULL,           -- the topmost layer; the chain follows parents
+    config      TEXT NOT NULL DEFAULT '{}', -- image config (Env, Cmd, ...) as JSON
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS containers (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL DEFAULT '',
+    owner       TEXT NOT NULL DEFAULT '',
+    system_type TEXT NOT NULL DEFAULT 'Container',
+    config      TEXT NOT NULL,           -- the ContainerConfig document (hcsshim JSON)
+    state       TEXT NOT NULL,           -- 'created' | 'running' | 'paused' | 'stopped'
+    exit_code   INTEGER,
+    exit_type   TEXT NOT NULL DEFAULT '',
+    supervisor_pid   INTEGER,
+    supervisor_start INTEGER,           -- start time (clock ticks) guarding against pid reuse
+    image       TEXT NOT NULL DEFAULT '',
+    auto_remove INTEGER NOT NULL DEFAULT 0,
+    sandbox_layer TEXT NOT NULL DEFAULT '', -- the sandbox layer pyhcs made for it ('' if the caller's)
+    layer_home  TEXT NOT NULL DEFAULT '',   -- DriverInfo.home_dir of that sandbox
+    created     REAL NOT NULL,
+    started     REAL,
+    finished    REAL
+);
+CREATE TABLE IF NOT EXISTS processes (
+    container_id TEXT NOT NULL REFERENCES containers(id) ON DELETE CASCADE,
+    pid          INTEGER NOT NULL,       -- pid on the host
+    inner_pid    INTEGER NOT NULL,       -- pid inside the container
+    config       TEXT NOT NULL,
+    exit_code    INTEGER,
+    created      REAL NOT NULL,
+    finished     REAL,
+    PRIMARY KEY (container_id, pid)
+);
+"""
+
+
+class Registry:
+    """A connection to the registry at *db_path*; create it with :meth:`open`."""
+
+    _cache: dict[tuple[int, str], Registry] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
+        # write lock up front and waits on busy_timeout instead of failing on upgrade.
+        self._conn = sqlite3.connect(
+            db_path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        c = self._conn
+        c.execute("PRAGMA busy_timeout = 30000")
+        c.execute("PRAGMA journal_mode = WAL")
+        # NORMAL is durable across process crashes in WAL mode; only power loss can lose the
+        # last commits, which recovery handles like a crash.
+        c.execute("PRAGMA synchronous = NORMAL")
+        c.execute("PRAGMA foreign_keys = ON")
+        (version,) = c.execute("PRAGMA user_version").fetchone()
+        if version < _SCHEMA_VERSION:
+            with self.transaction():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @classmethod
+    def open(cls, db_path: Path) -> Registry:
+        """The registry at *db_path*, one shared connection per process and path."""
+        key = (os.getpid(), str(db_path))
+        with cls._cache_lock:
+            reg = cls._cache.get(key)
+            if reg is None:
+                reg = cls._cache[key] = cls(db_path)
+            return reg
+
+    def close(self) -> None:
+        with self._cache_lock:
+            for k, v in list(self._cache.items()):
+                if v is self:
+                    del self._cache[k]
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a read query and return all rows."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def query_one(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
+            return row
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> int:
+        """Run one write statement in its own transaction; return the changed row count."""
+        with self.transaction() as c:
+            return c.execute(sql, params).rowcount
+
+    # -- helpers shared by the services -----------------------------------------------------
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    @staticmethod
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,518 @@
+"""The native executor: runs an OCI runtime spec with namespaces, mounts and cgroups.
+
+A started container is a :class:`Sandbox`: its namespaces, held open by file descriptors
+in the supervisor, and its cgroup. The namespaces are made once by a short-lived setup
+child (unshare, rootfs, pivot_root); every process of the container is then a direct child
+of the supervisor that joins them with setns(2), so the supervisor reaps every exit itself.
+The first process created becomes pid 1 of the container's pid namespace and mounts its
+/proc; when it exits, the kernel ends every other process of the container.
+
+Everything that runs between fork and exec is careful: no exception may unwind into the
+parent's stack, so each child ends in ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _linux as L
+from ._cgroups import Cgroup, Resources, manager
+from ._spec import CAPABILITY_NUMBERS
+
+__all__ = ["Sandbox", "SpawnResult", "create_sandbox", "spawn", "secure_join", "resolve_user",
+           "NATIVE_NAMESPACES"]
+
+# The order nsenter(1) joins them in; mnt last so /proc paths stay the host's until then.
+NATIVE_NAMESPACES = ("ipc", "uts", "net", "cgroup", "mnt")
+_NS_FLAGS = {"ipc": L.CLONE_NEWIPC, "uts": L.CLONE_NEWUTS, "net": L.CLONE_NEWNET,
+             "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID}
+_MAX_SYMLINKS = 255
+_PASSWD_LIMIT = 1 << 20  # bytes of /etc/passwd or /etc/group we are willing to read
+_MAX_ID = (1 << 31) - 1  # ids at or past 2**31 are refused, never wrapped
+
+
+@dataclass
+class Sandbox:
+    """A started container: namespace fds (the pid namespace is the owner's children's)
+    and the cgroup."""
+
+    container_id: str
+    spec: dict[str, Any]
+    cgroup: Cgroup
+    ns_fds: dict[str, int] = field(default_factory=dict)
+    has_init: bool = False
+
+    def close(self) -> None:
+        for fd in self.ns_fds.values():
+            os.close(fd)
+        self.ns_fds.clear()
+
+
+@dataclass(frozen=True)
+class SpawnResult:
+    """A spawned process: host pid, and the errno/message if its program could not start."""
+
+    pid: int
+    exec_errno: int = 0
+    exec_error: str = ""
+
+
+# -- path safety ----------------------------------------------------------------------------
+
+
+def secure_join(root: str, unsafe: str) -> str:
+    """Resolve *unsafe* as if *root* were ``/``: symlinks (absolute ones too) and ``..``
+    can never leave *root*. Components that do not exist yet are kept as they are."""
+    parts = [p for p in unsafe.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, "too many symlinks", unsafe)
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def _mkdir_in(root: str, dest: str, is_file: bool = False) -> str:
+    path = secure_join(root, dest)
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, "mount target is a symlink", dest)
+        return path
+    except FileNotFoundError:
+        pass
+    parent = os.path.dirname(path)
+    # create parent components one at a time, re-resolving, so no symlink is followed
+    rel = os.path.relpath(parent, root)
+    cur = root
+    for comp in [] if rel == "." else rel.split("/"):
+        cur = os.path.join(cur, comp)
+        try:
+            os.mkdir(cur, 0o755)
+        except FileExistsError:
+            if stat.S_ISLNK(os.lstat(cur).st_mode):
+                raise OSError(errno.ELOOP, "mount target path holds a symlink", dest) from None
+    if is_file:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+    else:
+        os.mkdir(path, 0o755)
+    return path
+
+
+# -- mounts ---------------------------------------------------------------------------------
+
+_FLAG_OPTS = {
+    "ro": L.MS_RDONLY, "nosuid": L.MS_NOSUID, "nodev": L.MS_NODEV, "noexec": L.MS_NOEXEC,
+    "strictatime": L.MS_STRICTATIME, "relatime": L.MS_RELATIME, "bind": L.MS_BIND,
+    "rbind": L.MS_BIND | L.MS_REC,
+}
+_CLEAR_OPTS = {"rw", "suid", "dev", "exec", "rprivate", "private", "rslave", "slave",
+               "newinstance_only_marker"}
+
+
+def _parse_options(options: list[str]) -> tuple[int, str]:
+    flags = 0
+    data = []
+    for o in options:
+        if o in _FLAG_OPTS:
+            flags |= _FLAG_OPTS[o]
+        elif o in _CLEAR_OPTS:
+            continue
+        else:
+            data.append(o)
+    return flags, ",".join(data)
+
+
+_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+            ("urandom", 1, 9), ("tty", 5, 0))
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+              ("ptmx", "pts/ptmx"))
+
+
+def _setup_dev(root: str) -> None:
+    dev = os.path.join(root, "dev")
+    old = os.umask(0)
+    try:
+        for name, major, minor in _DEVICES:
+            os.mknod(os.path.join(dev, name), 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    finally:
+        os.umask(old)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, os.path.join(dev, name))
+
+
+def _mount_one(root: str, m: dict[str, Any]) -> None:
+    dest = m["destination"]
+    mtype = m.get("type", "")
+    flags, data = _parse_options(m.get("options", []))
+    if mtype == "bind" or flags & L.MS_BIND:
+        src = m["source"]
+        target = _mkdir_in(root, dest, is_file=not os.path.isdir(src))
+        L.mount(src, target, None, flags & (L.MS_BIND | L.MS_REC) | L.MS_BIND, None)
+        if flags & ~(L.MS_BIND | L.MS_REC):
+            L.mount(None, target, None,
+                    L.MS_BIND | L.MS_REMOUNT | (flags & ~(L.MS_BIND | L.MS_REC)), None)
+        return
+    target = _mkdir_in(root, dest)
+    if mtype == "proc":
+        return  # mounted by the container's pid 1, which is inside the pid namespace
+    L.mount(m.get("source", mtype), target, mtype, flags, data or None)
+
+
+def _bring_up_loopback() -> None:
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _setup_rootfs(spec: dict[str, Any]) -> None:
+    root = spec["root"]["path"]
+    L.mount(None, "/", None, L.MS_REC | L.MS_SLAVE, None)
+    L.mount(root, root, None, L.MS_BIND | L.MS_REC, None)
+    for m in spec.get("mounts", []):
+        _mount_one(root, m)
+        if m["destination"] == "/dev":
+            _setup_dev(root)
+    for p in spec.get("linux", {}).get("maskedPaths", []):
+        if p.startswith("/sys/"):
+            _mask(secure_join(root, p))
+    os.chdir(root)
+    L.pivot_root(".", ".")
+    L.umount(".", L.MNT_DETACH)
+    os.chdir("/")
+    if spec["root"].get("readonly"):
+        L.mount(None, "/", None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY, None)
+
+
+def _mask(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        L.mount("tmpfs", path, "tmpfs", L.MS_RDONLY, None)
+    else:
+        L.mount("/dev/null", path, None, L.MS_BIND, None)
+
+
+def _mount_proc(spec: dict[str, Any]) -> None:
+    """Mount /proc from inside the pid namespace, then mask and protect it (pid 1 only)."""
+    for m in spec.get("mounts", []):
+        if m.get("type") == "proc":
+            flags, data = _parse_options(m.get("options", []))
+            st = os.lstat(m["destination"])
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, "/proc is not a directory", m["destination"])
+            L.mount("proc", m["destination"], "proc", flags, data or None)
+    linux = spec.get("linux", {})
+    for p in linux.get("maskedPaths", []):
+        if p.startswith("/proc/"):
+            _mask(p)
+    for p in linux.get("readonlyPaths", []):
+        if os.path.lexists(p):
+            L.mount(p, p, None, L.MS_BIND | L.MS_REC, None)
+            L.mount(None, p, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | L.MS_NOSUID
+                    | L.MS_NODEV | L.MS_NOEXEC, None)
+
+
+# -- the sandbox ----------------------------------------------------------------------------
+
+
+def _resources(spec: dict[str, Any]) -> Resources:
+    r = spec.get("linux", {}).get("resources", {})
+    mem = r.get("memory", {})
+    cpu = r.get("cpu", {})
+    return Resources(
+        memory_bytes=mem.get("limit"),
+        cpu_shares=cpu.get("shares"),
+        cpu_quota_us=cpu.get("quota"),
+        cpu_period_us=cpu.get("period", 100_000),
+        cpuset_cpus=cpu.get("cpus"),
+        pids_max=r.get("pids", {}).get("limit"),
+    )
+
+
+def _join_cgroup(cg: Cgroup) -> None:
+    for f in cg.procs_files():
+        fd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def _child_fail(fd: int, e: BaseException) -> None:
+    code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+    msg = f"{code}:{e}".encode(errors="replace")[:4000]
+    try:
+        os.write(fd, msg)
+    finally:
+        os._exit(127)
+
+
+def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
+    """Create the namespaces and cgroup of a container and set up its root filesystem.
+
+    The calling process moves its *children* into the container's new pid namespace, so
+    every later :func:`spawn` from it lands there; call this once per process.
+    """
+    flags = 0
+    for ns in spec["linux"]["namespaces"]:
+        flags |= _NS_FLAGS[{"network": "net", "mount": "mnt"}.get(ns["type"], ns["type"])]
+    cg = manager().create(container_id, _resources(spec))
+    sb = Sandbox(container_id, spec, cg)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the setup child
+            try:
+                os.close(ready_r)
+                os.close(go_w)
+                _join_cgroup(cg)
+                L.unshare(flags & ~L.CLONE_NEWPID)
+                if flags & L.CLONE_NEWUTS and spec.get("hostname"):
+                    socket.sethostname(spec["hostname"])
+                if flags & L.CLONE_NEWNET:
+                    _bring_up_loopback()
+                _setup_rootfs(spec)
+                os.write(ready_w, b"ok")
+                os.read(go_r, 1)  # stay alive until the supervisor holds our namespaces
+                os._exit(0)
+            except BaseException as e:
+                _child_fail(ready_w, e)
+        os.close(ready_w)
+        ready_w = -1
+        os.close(go_r)
+        go_r = -1
+        msg = os.read(ready_r, 4096)
+        try:
+            if msg != b"ok":
+                code, _, text = msg.decode(errors="replace").partition(":")
+                raise OSError(int(code) if code.isdigit() else errno.EIO,
+                              text or "the setup child died")
+            for ns in NATIVE_NAMESPACES:
+                sb.ns_fds[ns] = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(go_w)
+            go_w = -1
+            os.waitpid(pid, 0)
+        if flags & L.CLONE_NEWPID:
+            # A pid namespace cannot be held by an fd before it has a pid 1, so the caller
+            # itself moves its *children* into a new one: its next fork is the container's
+            # pid 1, and every later fork lands beside it.
+            L.unshare(L.CLONE_NEWPID)
+        return sb
+    except BaseException:
+        sb.close()
+        try:
+            cg.remove()
+        except OSError:
+            pass
+        raise
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+# -- users ----------------------------------------------------------------------------------
+
+
+def _bounded_lines(path: str) -> list[str]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []  # a FIFO or device planted as /etc/passwd must not hang or feed us
+        return os.read(fd, _PASSWD_LIMIT).decode(errors="replace").splitlines()
+    finally:
+        os.close(fd)
+
+
+def _parse_id(text: str, what: str) -> int:
+    value = int(text)
+    if not 0 <= value <= _MAX_ID - 1:
+        raise OSError(errno.EINVAL, f"{what} {text} is out of range")
+    return value
+
+
+def resolve_user(user: str) -> tuple[int, int, list[int]]:
+    """Resolve ``name``, ``uid``, ``name:group`` or ``uid:gid`` against /etc/passwd and
+    /etc/group of the current root (the container's, when called inside it)."""
+    name, _, group = user.partition(":")
+    uid = gid = -1
+    home_gid = 0
+    if name.isdigit():
+        uid = _parse_id(name, "uid")
+    for line in _bounded_lines("/etc/passwd"):
+        f = line.split(":")
+        if len(f) >= 4 and (f[0] == name or (uid >= 0 and f[2] == str(uid))):
+            if uid < 0:
+                uid = _parse_id(f[2], "uid")
+            home_gid = _parse_id(f[3], "gid") if f[3].isdigit() else 0
+            name = f[0]
+            break
+    if uid < 0:
+        raise OSError(errno.ENOENT, f"user {name!r} not found in /etc/passwd")
+    gid = home_gid
+    groups: list[int] = []
+    glines = _bounded_lines("/etc/group")
+    if group:
+        if group.isdigit():
+            gid = _parse_id(group, "gid")
+        else:
+            for line in glines:
+                f = line.split(":")
+                if len(f) >= 3 and f[0] == group:
+                    gid = _parse_id(f[2], "gid")
+                    break
+            else:
+                raise OSError(errno.ENOENT, f"group {group!r} not found in /etc/group")
+    for line in glines:
+        f = line.split(":")
+        if len(f) >= 4 and name in f[3].split(",") and f[2].isdigit():
+            groups.append(_parse_id(f[2], "gid"))
+    return uid, gid, groups
+
+
+# -- processes ------------------------------------------------------------------------------
+
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
+                  signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
+          console: int = -1) -> SpawnResult:
+    """Start *process* (an OCI process object) in the sandbox; return once it has exec'd.
+
+    *stdio* are the fds the process gets as 0, 1 and 2. With *console* >= 0 that fd is a pty
+    slave which becomes the controlling terminal. If the program cannot be executed, the
+    child exits and the result carries the errno and message.
+    """
+    init = not sb.has_init
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    cg_files = sb.cgroup.procs_files()
+    ns_fds = [(sb.ns_fds[n], _NS_FLAGS[n]) for n in NATIVE_NAMESPACES if n in sb.ns_fds]
+    spec = sb.spec
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(err_r)
+        os.close(err_w)
+        raise
+    if pid == 0:
+        try:
+            for s in _RESET_SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            if init:
+                # if the supervisor dies, the container dies with it and recovery reports 255
+                L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+            for f in cg_files:
+                fd = os.open(f, os.O_WRONLY)
+                os.write(fd, b"0")
+                os.close(fd)
+            for fd, flag in ns_fds:
+                L.setns(fd, flag)
+            if init:
+                _mount_proc(spec)
+            # stdio first, then close every other fd: nothing of the host survives exec
+            fds = list(stdio)
+            for i, fd in enumerate(fds):
+                if fd == i:
+                    os.set_inheritable(fd, True)
+                elif fd >= 0:
+                    os.dup2(fd, i)
+            L.close_range_from(3, keep=(err_w,))
+            if console >= 0:
+                os.setsid()
+                fcntl.ioctl(0, 0x540E, 0)  # TIOCSCTTY
+            else:
+                os.setsid()
+            _exec(process, err_w)
+        except BaseException as e:
+            _child_fail(err_w, e)
+    os.close(err_w)
+    try:
+        msg = b""
+        while True:
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            msg += chunk
+    finally:
+        os.close(err_r)
+    if init:
+        sb.has_init = True
+    if msg:
+        code, _, text = msg.decode(errors="replace").partition(":")
+        return SpawnResult(pid, int(code) if code.isdigit() else errno.EIO, text)
+    return SpawnResult(pid)
+
+
+def _exec(process: dict[str, Any], err_w: int) -> None:
+    env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
+    user = process.get("pyhcsUser")
+    if user:
+        uid, gid, groups = resolve_user(user)
+    else:
+        u = process.get("user", {})
+        uid, gid = u.get("uid", 0), u.get("gid", 0)
+        groups = list(u.get("additionalGids", []))
+        for v in (uid, gid, *groups):
+            if not 0 <= v < _MAX_ID:
+                raise OSError(errno.EINVAL, f"id {v} is out of range")
+    cwd = process.get("cwd", "/")
+    os.chdir(cwd)
+    os.umask(0o022)
+    caps = process.get("capabilities", {}).get("bounding", [])
+    keep = frozenset(CAPABILITY_NUMBERS[c] for c in caps if c in CAPABILITY_NUMBERS)
+    for cap in range(L.CAP_LAST_CAP + 1):
+        if cap not in keep:
+            L.prctl(L.PR_CAPBSET_DROP, cap)
+    if process.get("noNewPrivileges", True):
+        L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+    if uid == 0:
+        L.capset_drop_to(keep)
+    args = process["args"]
+    exe = process.get("pyhcsExecutable") or args[0]
+    if "HOME" not in env:
+        env["HOME"] = "/root" if uid == 0 else "/"
+    os.execvpe(exe, args, env)
+    del err_w

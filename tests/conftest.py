@@ -1,0 +1,161 @@
+"""Shared fixtures: private state roots per test, and a session-end leak check.
+
+Tests run as root on the real kernel. Each test gets its own state root and run root
+(``PYHCS_ROOT`` / ``PYHCS_RUN_ROOT``) and its cgroups live under a private parent
+(``PYHCS_CGROUP_PARENT``), so nothing touches a real installation. When the session ends,
+the leak check compares the machine against what it was when the session began and fails
+on any mount, cgroup, network namespace, interface, loop device or process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyhcs._paths import Roots
+
+CGROUP_PARENT = f"pyhcs-test-{os.getpid()}"
+os.environ["PYHCS_CGROUP_PARENT"] = CGROUP_PARENT
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {" ".join(line.split()[3:5]) for line in f}
+
+
+def _cgroups() -> set[str]:
+    found = set()
+    for base, dirs, _ in os.walk("/sys/fs/cgroup"):
+        if base.count("/") > 6:
+            dirs[:] = []
+            continue
+        for d in dirs:
+            if "pyhcs" in d:
+                found.add(os.path.join(base, d))
+    return found
+
+
+def _netns() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return set()
+
+
+def _interfaces() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def _loops() -> set[str]:
+    out = set()
+    for dev in Path("/sys/block").glob("loop*"):
+        if (dev / "loop" / "backing_file").exists():
+            out.add(dev.name)
+    return out
+
+
+def _descendants() -> set[int]:
+    """Processes whose ancestry reaches this pytest process, or that run from a pyhcs test root."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(p.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out = set()
+    for pid in parents:
+        q = pid
+        while q > 1 and q != me:
+            q = parents.get(q, 0)
+        if q == me and pid != me:
+            out.add(pid)
+    return out
+
+
+def _supervisors() -> set[int]:
+    """pyhcs supervisors started by this session (they are re-parented away from pytest)."""
+    out = set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"PYHCS_CGROUP_PARENT={CGROUP_PARENT}".encode() in env and int(p.name) != os.getpid():
+            out.add(int(p.name))
+    return out
+
+
+def _snapshot() -> dict[str, set[object]]:
+    return {
+        "mounts": set(_mounts()),
+        "cgroups": set(_cgroups()),
+        "netns": set(_netns()),
+        "interfaces": set(_interfaces()),
+        "loop devices": set(_loops()),
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_check() -> Iterator[None]:
+    """Fail the session if it leaves kernel state behind."""
+    before = _snapshot()
+    yield
+    leaks = []
+    # Processes first: a supervisor still running would explain every other leak.
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        procs = (_descendants() | _supervisors())
+        if not procs or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if procs:
+        leaks.append(f"processes: {sorted(procs)}")
+    after = _snapshot()
+    for kind, items in after.items():
+        extra = items - before[kind]
+        if extra:
+            leaks.append(f"{kind}: {sorted(map(str, extra))}")
+    if leaks:
+        pytest.fail("the test session leaked kernel state:\n  " + "\n  ".join(leaks))
+
+
+@pytest.fixture
+def roots(monkeypatch: pytest.MonkeyPatch) -> Iterator[Roots]:
+    """A private state root and run root for one test, exported in the environment."""
+    base = Path(tempfile.mkdtemp(prefix="pyhcs-test-"))
+    r = Roots(base / "root", base / "run")
+    monkeypatch.setenv("PYHCS_ROOT", str(r.root))
+    monkeypatch.setenv("PYHCS_RUN_ROOT", str(r.run_root))
+    try:
+        yield r
+    finally:
+        _cleanup_root(r)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _cleanup_root(r: Roots) -> None:
+    """Unmount anything still mounted under the test's roots, so one failure cannot cascade."""
+    prefix = str(r.root.parent)
+    mounted = [m.split()[1] for m in _mounts() if m.split()[1].startswith(prefix)]
+    for target in sorted(mounted, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+@pytest.fixture
+def unique_id() -> str:
+    return "t" + uuid.uuid4().hex[:12]

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,10 @@ def _descendants() -> set[int]:
             stat = (p / "stat").read_text()
         except OSError:
             continue
-        parents[int(p.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue  # a zombie holds nothing but its pid; reaping it is its parent's job
+        parents[int(p.name)] = int(fields[1])
     out = set()
     for pid in parents:
         q = pid
@@ -93,9 +97,17 @@ def _supervisors() -> set[int]:
             env = (p / "environ").read_bytes()
         except OSError:
             continue
-        if f"PYHCS_CGROUP_PARENT={CGROUP_PARENT}".encode() in env and int(p.name) != os.getpid():
+        mine = f"PYHCS_CGROUP_PARENT={CGROUP_PARENT}".encode() in env
+        if mine and int(p.name) != os.getpid():
             out.add(int(p.name))
     return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
 
 
 def _snapshot() -> dict[str, set[object]]:
@@ -115,8 +127,6 @@ def leak_check() -> Iterator[None]:
     yield
     leaks = []
     # Processes first: a supervisor still running would explain every other leak.
-    import time
-
     deadline = time.monotonic() + 10
     while True:
         procs = (_descendants() | _supervisors())
@@ -124,7 +134,7 @@ def leak_check() -> Iterator[None]:
             break
         time.sleep(0.1)
     if procs:
-        leaks.append(f"processes: {sorted(procs)}")
+        leaks.append("processes: " + ", ".join(f"{p} {_cmdline(p)!r}" for p in sorted(procs)))
     after = _snapshot()
     for kind, items in after.items():
         extra = items - before[kind]
@@ -159,3 +169,11 @@ def _cleanup_root(r: Roots) -> None:
 @pytest.fixture
 def unique_id() -> str:
     return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def busybox(roots: Roots) -> list[str]:
+    """The busybox image in the test's store; returns its layer chain (paths, topmost first)."""
+    from pyhcs._layers import ensure_busybox_image
+
+    return list(ensure_busybox_image().layer_chain)

@@ -55,7 +55,10 @@ TIMEOUT_INFINITE = 0xFFFFFFFF
 
 @dataclass(frozen=True, slots=True)
 class ErrorCode:
-    """A sentinel error value, as hcsshim's ``Err*`` variables; ``value`` is the HRESULT/errno or 0."""
+    """A sentinel error value, as hcsshim's ``Err*`` variables.
+
+    ``value`` is the HRESULT or Win32 error number hcsshim uses, or 0 for plain errors.
+    """
 
     name: str
     value: int
@@ -229,7 +232,9 @@ def is_not_exist(err: BaseException | None) -> bool:
     """
     if isinstance(err, OSError) and err.errno in (errno.ENOENT, errno.ESRCH):
         return True
-    return _code(err) in (ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST, ERR_ELEMENT_NOT_FOUND, ERR_PROC_NOT_FOUND)
+    return _code(err) in (
+        ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST, ERR_ELEMENT_NOT_FOUND, ERR_PROC_NOT_FOUND
+    )
 
 
 def is_already_stopped(err: BaseException | None) -> bool:

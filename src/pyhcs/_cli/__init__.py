@@ -260,7 +260,7 @@ def layer_import(parent: str, file: str) -> None:
         if parent:
             if not _layers.layer_exists(info, parent):
                 raise click.ClickException(f"no such layer: {parent}")
-            parents = _layers.layer_chain(info, parent)
+            parents = _layers.resolve_image(parent).layer_chain
         with open(file, "rb") as f:
             _layers.import_layer_from_tar(info, layer_id, f, parents)
     click.echo(layer_id)

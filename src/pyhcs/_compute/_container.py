@@ -15,7 +15,7 @@ import shutil
 import signal
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,9 +54,10 @@ from .._schema import (
     StorageStats,
     from_json,
     to_dict,
+    validate,
 )
 from . import _protocol as P
-from ._supervisor import SUPERVISOR_SOCKET, launch, process_start_time
+from ._supervisor import SUPERVISOR_SOCKET, launch, process_start_time, read_status
 
 __all__ = [
     "Container",
@@ -105,11 +106,35 @@ def _supervisor_alive(row: sqlite3.Row) -> bool:
 
 
 def _recover(reg: Registry, roots: Roots, container_id: str) -> None:
-    """Finish a container whose supervisor died: kill what is left, exit code 255."""
+    """Bring the registry up to date with a running container's supervisor.
+
+    The supervisor's status file is folded in (state, exit codes). A container whose
+    supervisor died without a final record is finished here: what is left of it is
+    killed and it is reported exited with code 255.
+    """
     row = reg.query_one("SELECT * FROM containers WHERE id=?", (container_id,))
     if row is None or row["state"] not in ("running", "paused"):
         return
+    status = read_status(roots.container_run_dir(container_id))
+    if status is not None and status.get("state") == "stopped":
+        with reg.transaction() as c:
+            c.execute(
+                "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=?, "
+                "supervisor_pid=NULL WHERE id=? AND state IN ('running','paused')",
+                (status.get("exit_code"), status.get("exit_type", ""), status.get("finished"),
+                 container_id))
+            for p in status.get("processes", []):
+                c.execute(
+                    "INSERT OR REPLACE INTO processes(container_id, pid, inner_pid, config, "
+                    "exit_code, created, finished) VALUES (?,?,?,?,?,?,?)",
+                    (container_id, p["pid"], p["inner_pid"], json.dumps(p["config"]),
+                     p["exit_code"], p["created"], p["finished"]))
+        return
     if _supervisor_alive(row):
+        if status is not None and status.get("state") in ("running", "paused") and (
+                status["state"] != row["state"]):
+            reg.execute("UPDATE containers SET state=? WHERE id=? AND state IN "
+                        "('running','paused')", (status["state"], container_id))
         return
     try:
         cg = cgroup_manager().open(container_id)
@@ -166,8 +191,9 @@ class Container:
             raise ContainerError(self._id, op, ERR_ALREADY_CLOSED)
 
     def _row(self, op: str) -> sqlite3.Row:
-        row = _registry(self._roots).query_one("SELECT * FROM containers WHERE id=?",
-                                               (self._id,))
+        reg = _registry(self._roots)
+        _recover(reg, self._roots, self._id)
+        row = reg.query_one("SELECT * FROM containers WHERE id=?", (self._id,))
         if row is None:
             raise ContainerError(self._id, op, ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
         return row
@@ -211,10 +237,14 @@ class Container:
                        (self._id,)) != 1:
             raise ContainerError(self._id, "Start", ERR_VMCOMPUTE_OPERATION_INVALID_STATE)
         try:
-            launch(self._id, self._roots, spec)
+            pid, started = launch(self._id, self._roots, spec)
         except OSError as e:
             reg.execute("UPDATE containers SET state='created' WHERE id=?", (self._id,))
             raise ContainerError(self._id, "Start", None, message=str(e)) from e
+        reg.execute(
+            "UPDATE containers SET state='running', started=?, supervisor_pid=?, "
+            "supervisor_start=? WHERE id=? AND state='starting'",
+            (started, pid, process_start_time(pid), self._id))
 
     def shutdown(self) -> None:
         """Ask the container to stop: its init gets SIGTERM. Returns at once; :meth:`wait`
@@ -296,8 +326,8 @@ class Container:
             raise ContainerError(self._id, "Statistics", ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
                                  message=f"the container is {row['state']}")
         st = cgroup_manager().open(self._id).stats()
-        now = datetime.now(timezone.utc)
-        started = datetime.fromtimestamp(row["started"] or time.time(), timezone.utc)
+        now = datetime.now(UTC)
+        started = datetime.fromtimestamp(row["started"] or time.time(), UTC)
         return Statistics(
             timestamp=now,
             container_start_time=started,
@@ -338,7 +368,7 @@ class Container:
             items.append(ProcessListItem(
                 process_id=inner,
                 image_name=name,
-                create_timestamp=datetime.fromtimestamp(boot + int(f[19]) / tick, timezone.utc),
+                create_timestamp=datetime.fromtimestamp(boot + int(f[19]) / tick, UTC),
                 user_time_100ns=int(f[11]) * 10_000_000 // tick,
                 kernel_time_100ns=int(f[12]) * 10_000_000 // tick,
                 memory_commit_bytes=int(statm[0]) * page,
@@ -612,6 +642,7 @@ def create_container(container_id: str, config: ContainerConfig, *,
     """
     op = "CreateContainer"
     _check_id(container_id, op)
+    validate(config)
     roots = roots or Roots.resolve()
     reg = _registry(roots)
     run_dir = roots.container_run_dir(container_id)
@@ -705,9 +736,10 @@ def get_containers(query: ComputeSystemQuery | None = None, *, roots: Roots | No
     for row in reg.query("SELECT * FROM containers WHERE state != 'creating' ORDER BY created"):
         if row["state"] in ("running", "paused") and not _supervisor_alive(row):
             _recover(reg, roots, row["id"])
-            row = reg.query_one("SELECT * FROM containers WHERE id=?", (row["id"],))
-            if row is None:
+            fresh = reg.query_one("SELECT * FROM containers WHERE id=?", (row["id"],))
+            if fresh is None:
                 continue
+            row = fresh
         if q.ids and row["id"] not in q.ids:
             continue
         if q.names and row["name"] not in q.names:

@@ -76,13 +76,14 @@ def call(sock_path: str, request: dict[str, Any], timeout: float | None = None,
         finally:
             if dfd >= 0:
                 os.close(dfd)
-        send(sock, request, fds)
         sock.settimeout(timeout)
         try:
+            send(sock, request, fds)
             reply, rfds = recv(sock)
         except TimeoutError:
             raise
         except (ConnectionResetError, BrokenPipeError) as e:
+            # the supervisor closed its socket between our connect and its accept
             raise SupervisorGone(str(e)) from e
         if reply is None:
             raise SupervisorGone("the supervisor closed the connection")

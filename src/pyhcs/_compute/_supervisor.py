@@ -2,7 +2,7 @@
 
 It is forked (twice, so it belongs to no client) when a container starts, owns the
 container's namespaces and cgroup, reaps every process it spawns, records exits in the
-registry and serves clients over a unix socket in the container's run directory. Clients
+run directory and serves clients over a unix socket there. Clients
 may come and go; nothing is lost when the creating client exits. When the container's
 init exits (or the container is terminated) the supervisor records the result, removes the
 cgroup, answers every waiter, and exits.
@@ -28,14 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import _linux as L
+from .._errors import WAIT_ERR_EXEC_FAILED
 from .._paths import Roots
-from .._registry import Registry
 from .._runtime._native import Sandbox, create_sandbox, spawn
 from . import _protocol as P
 
-__all__ = ["launch", "process_start_time", "SUPERVISOR_SOCKET"]
+__all__ = ["launch", "process_start_time", "read_status", "SUPERVISOR_SOCKET", "STATUS_FILE"]
 
 SUPERVISOR_SOCKET = "sup.sock"
+#: The supervisor's record of the container, replaced atomically on every change. The
+#: supervisor never opens the registry: SQLite's per-process lock state does not survive
+#: fork(), so clients fold this file into the registry when they look (``_sync``).
+STATUS_FILE = "status.json"
 _TIOCSWINSZ = 0x5414
 
 
@@ -47,6 +51,19 @@ def process_start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(data.rsplit(b")", 1)[1].split()[19])
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The supervisor's last status record for a container, or None."""
+    try:
+        data = (run_dir / STATUS_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        status = json.loads(data)
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def _inner_pid(pid: int) -> int:
@@ -79,6 +96,7 @@ class _Proc:
     exit_code: int | None = None
     exec_error: str = ""
     created: float = field(default_factory=time.time)
+    finished: float | None = None
     waiters: list[socket.socket] = field(default_factory=list)
 
     def client_fds(self) -> tuple[list[int], dict[str, bool]]:
@@ -114,6 +132,8 @@ class Supervisor:
         self.done = False
         self.exit_type = ""
         self.listener: socket.socket | None = None
+        self.started = 0.0
+        self.paused = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,12 +155,23 @@ class Supervisor:
         self.listener.listen(64)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
-        reg = Registry.open(self.roots.db_path)
-        reg.execute(
-            "UPDATE containers SET state='running', started=?, supervisor_pid=?, "
-            "supervisor_start=? WHERE id=?",
-            (time.time(), os.getpid(), process_start_time(os.getpid()), self.id),
-        )
+        self.started = time.time()
+        self._write_status("running")
+
+    def _write_status(self, state: str, **extra: Any) -> None:
+        status = {
+            "state": state, "pid": os.getpid(), "start": process_start_time(os.getpid()),
+            "started": self.started, "exit_type": self.exit_type,
+            "processes": [
+                {"pid": p.pid, "inner_pid": p.inner_pid, "config": p.config,
+                 "exit_code": p.exit_code, "created": p.created, "finished": p.finished}
+                for p in self.procs.values() if p.exit_code is not None
+            ],
+            **extra,
+        }
+        tmp = self.run_dir / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps(status))
+        os.rename(tmp, self.run_dir / STATUS_FILE)
 
     def loop(self) -> None:
         while not self.done:
@@ -188,16 +219,8 @@ class Supervisor:
             code = 0
         init = self.procs.get(self.init_pid)
         code = init.exit_code if init and init.exit_code is not None else 0
-        reg = Registry.open(self.roots.db_path)
-        now = time.time()
-        with reg.transaction() as c:
-            c.execute(
-                "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=?, "
-                "supervisor_pid=NULL WHERE id=?",
-                (code, self.exit_type, now, self.id),
-            )
-            for p in self.procs.values():
-                self._record(c, p)
+        # the record comes before the socket goes: a client that finds no socket finds this
+        self._write_status("stopped", exit_code=code, finished=time.time())
         for w in self.container_waiters:
             self._reply(w, {"exit_code": code, "exit_type": self.exit_type})
         self.container_waiters.clear()
@@ -208,14 +231,6 @@ class Supervisor:
                 pass
             self.listener.close()
         self.done = True
-
-    def _record(self, c: Any, p: _Proc) -> None:
-        c.execute(
-            "INSERT OR REPLACE INTO processes(container_id, pid, inner_pid, config, exit_code, "
-            "created, finished) VALUES (?,?,?,?,?,?,?)",
-            (self.id, p.pid, p.inner_pid, json.dumps(p.config), p.exit_code, p.created,
-             time.time()),
-        )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -410,15 +425,15 @@ class Supervisor:
     def _op_pause(self, conn: socket.socket, req: dict[str, Any]) -> None:
         assert self.sandbox is not None
         self.sandbox.cgroup.freeze()
-        Registry.open(self.roots.db_path).execute(
-            "UPDATE containers SET state='paused' WHERE id=?", (self.id,))
+        self.paused = True
+        self._write_status("paused")
         self._reply(conn, {})
 
     def _op_resume(self, conn: socket.socket, req: dict[str, Any]) -> None:
         assert self.sandbox is not None
         self.sandbox.cgroup.thaw()
-        Registry.open(self.roots.db_path).execute(
-            "UPDATE containers SET state='running' WHERE id=?", (self.id,))
+        self.paused = False
+        self._write_status("running")
         self._reply(conn, {})
 
     # -- exits -------------------------------------------------------------------------------
@@ -433,9 +448,8 @@ class Supervisor:
             return  # not yet (a spurious wakeup)
         self.sel.unregister(p.pidfd)
         os.close(p.pidfd)
+        p.finished = time.time()
         if p.exec_error:
-            from .._errors import WAIT_ERR_EXEC_FAILED
-
             p.exit_code = WAIT_ERR_EXEC_FAILED
         else:
             p.exit_code = _exit_code(status) if status >= 0 else 255
@@ -449,9 +463,7 @@ class Supervisor:
         else:
             # an exec'd process: its pipes are the clients' now; record its exit
             p.close_fds()
-            reg = Registry.open(self.roots.db_path)
-            with reg.transaction() as c:
-                self._record(c, p)
+            self._write_status("paused" if self.paused else "running")
 
 
 def _resize(fd: int, width: int, height: int) -> None:
@@ -478,8 +490,10 @@ def _become_daemon(keep: int, log_path: Path) -> None:
     os.chdir("/")
 
 
-def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> int:
-    """Fork the supervisor of *container_id*, start the container, return the supervisor pid.
+def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float]:
+    """Fork the supervisor of *container_id* and start the container.
+
+    Returns the supervisor's pid and the time the container started.
 
     Raises ``OSError`` with the supervisor's reason if the container could not start.
     """
@@ -496,7 +510,7 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> int:
             gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
             sup = Supervisor(container_id, roots, spec)
             sup.start()
-            os.write(w, json.dumps({"pid": os.getpid()}).encode())
+            os.write(w, json.dumps({"pid": os.getpid(), "started": sup.started}).encode())
             os.close(w)
             sup.loop()
             os._exit(0)
@@ -520,4 +534,4 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> int:
     msg = json.loads(data)
     if "error" in msg:
         raise OSError(msg["errno"], msg["error"])
-    return int(msg["pid"])
+    return int(msg["pid"]), float(msg["started"])

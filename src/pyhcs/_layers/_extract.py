@@ -132,7 +132,7 @@ class _HashingRaw(io.RawIOBase):
         return n
 
 
-def _decompressor(buffered: io.BufferedReader) -> io.BufferedIOBase:
+def _decompressor(buffered: io.BufferedReader[_HashingRaw]) -> io.BufferedIOBase:
     """Wrap *buffered* in the decompressor its magic names (gzip, bzip2, xz) or none."""
     magic = buffered.peek(6)[:6]
     # These decompressors read strictly forward, check the stream's own integrity (gzip's
@@ -194,21 +194,26 @@ _META_TYPES = (
 )
 
 
+def _show(name: str) -> str:
+    """*name* for an error message: quoted, and cut short if it is huge."""
+    return repr(name if len(name) <= 120 else name[:100] + "...")
+
+
 def _split(name: str, what: str) -> tuple[bytes, ...]:
     """Split an archive path into components, rejecting anything that could escape."""
     raw = os.fsencode(name)
     if b"\x00" in raw:
-        raise ArchiveError(f"{what} {name!r} contains a NUL byte")
+        raise ArchiveError(f"{what} {_show(name)} contains a NUL byte")
     if len(raw) >= _PATH_MAX:
         raise ArchiveError(f"{what} is longer than PATH_MAX ({len(raw)} bytes)")
     if raw.startswith(b"/"):
-        raise ArchiveError(f"{what} {name!r} is absolute")
+        raise ArchiveError(f"{what} {_show(name)} is absolute")
     parts = tuple(p for p in raw.split(b"/") if p not in (b"", b"."))
     for p in parts:
         if p == b"..":
-            raise ArchiveError(f"{what} {name!r} contains '..'")
+            raise ArchiveError(f"{what} {_show(name)} contains '..'")
         if len(p) > _NAME_MAX:
-            raise ArchiveError(f"{what} {name!r} has a component longer than NAME_MAX")
+            raise ArchiveError(f"{what} {_show(name)} has a component longer than NAME_MAX")
     return parts
 
 
@@ -242,9 +247,7 @@ class _Extractor:
     def charge(self, n: int) -> None:
         self.size += n
         if self.size > self.max_size:
-            raise ArchiveError(
-                f"archive expands beyond the {self.max_size}-byte limit (max_size)"
-            )
+            raise ArchiveError(f"archive expands beyond the {self.max_size}-byte limit (max_size)")
 
     # -- entries -----------------------------------------------------------------------------
 
@@ -256,28 +259,30 @@ class _Extractor:
             # tarfile stores (and skips) data only for these; charge it before reading any.
             self.charge(max(0, m.size))
         if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
-            raise ArchiveError(f"{m.name!r}: GNU sparse files are not supported in layers")
+            raise ArchiveError(f"{_show(m.name)}: GNU sparse files are not supported in layers")
         parts = _split(m.name, "entry name")
         if not parts:
             if not m.isdir():
-                raise ArchiveError(f"entry {m.name!r} names the layer root but is not a directory")
+                raise ArchiveError(
+                    f"entry {_show(m.name)} names the layer root but is not a directory"
+                )
             self.dirs[()] = self._dir_meta(m)
             return
         if parts[0] in _AUFS_META:
             return  # aufs bookkeeping: skipped, as docker does
         for p in parts[:-1]:
             if p.startswith(_WH_PREFIX):
-                raise ArchiveError(f"entry {m.name!r}: a whiteout name cannot be a directory")
+                raise ArchiveError(f"entry {_show(m.name)}: a whiteout name cannot be a directory")
         base = parts[-1]
         if base == _WH_OPAQUE:
             self._opaque(parts[:-1])
             return
         if base.startswith(_WH_META):
-            raise ArchiveError(f"entry {m.name!r}: unknown whiteout metadata name")
+            raise ArchiveError(f"entry {_show(m.name)}: unknown whiteout metadata name")
         if base.startswith(_WH_PREFIX):
             target = base[len(_WH_PREFIX) :]
             if target in (b"", b".", b".."):
-                raise ArchiveError(f"entry {m.name!r}: malformed whiteout name")
+                raise ArchiveError(f"entry {_show(m.name)}: malformed whiteout name")
             self._whiteout(parts[:-1], target)
             return
         self._check_ids(m)
@@ -296,16 +301,16 @@ class _Extractor:
         elif m.ischr() or m.isblk():
             kind = "block" if m.isblk() else "character"
             raise ArchiveError(
-                f"entry {m.name!r}: {kind} device {m.devmajor}:{m.devminor} is not allowed "
+                f"entry {_show(m.name)}: {kind} device {m.devmajor}:{m.devminor} is not allowed "
                 "in a layer (only the 0:0 whiteout is)"
             )
         else:
-            raise ArchiveError(f"entry {m.name!r}: unsupported tar entry type {m.type!r}")
+            raise ArchiveError(f"entry {_show(m.name)}: unsupported tar entry type {m.type!r}")
 
     @staticmethod
     def _check_ids(m: tarfile.TarInfo) -> None:
         if not (0 <= m.uid <= _ID_MAX and 0 <= m.gid <= _ID_MAX):
-            raise ArchiveError(f"entry {m.name!r}: invalid owner {m.uid}:{m.gid}")
+            raise ArchiveError(f"entry {_show(m.name)}: invalid owner {m.uid}:{m.gid}")
 
     def _dir_meta(self, m: tarfile.TarInfo) -> _DirMeta:
         self._check_ids(m)
@@ -356,7 +361,7 @@ class _Extractor:
         try:
             src = tf.extractfile(m)
             if src is None:  # pragma: no cover - isreg() members always have data
-                raise ArchiveError(f"entry {m.name!r}: no data")
+                raise ArchiveError(f"entry {_show(m.name)}: no data")
             written = 0
             while True:
                 chunk = src.read(_CHUNK)
@@ -365,9 +370,9 @@ class _Extractor:
                 write_all(fd, chunk)
                 written += len(chunk)
                 if written > m.size:  # pragma: no cover - tarfile bounds the member
-                    raise ArchiveError(f"entry {m.name!r}: more data than its header says")
+                    raise ArchiveError(f"entry {_show(m.name)}: more data than its header says")
             if written != m.size:
-                raise ArchiveError(f"entry {m.name!r}: archive is truncated inside its data")
+                raise ArchiveError(f"entry {_show(m.name)}: archive is truncated inside its data")
             # chown clears setuid/setgid and file capabilities, so it comes first.
             os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, stat.S_IMODE(m.mode))
@@ -381,7 +386,7 @@ class _Extractor:
     def _symlink(self, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
         target = os.fsencode(m.linkname)
         if not target or b"\x00" in target or len(target) >= _PATH_MAX:
-            raise ArchiveError(f"entry {m.name!r}: invalid symlink target")
+            raise ArchiveError(f"entry {_show(m.name)}: invalid symlink target")
         pfd = self._parent(parts)
         try:
             self._clear(pfd, parts)
@@ -395,25 +400,25 @@ class _Extractor:
             os.close(pfd)
 
     def _hardlink(self, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
-        target = _split(m.linkname, f"hard link target of {m.name!r}")
+        target = _split(m.linkname, f"hard link target of {_show(m.name)}")
         if not target:
-            raise ArchiveError(f"entry {m.name!r}: hard link to the layer root")
+            raise ArchiveError(f"entry {_show(m.name)}: hard link to the layer root")
         if target == parts:
-            raise ArchiveError(f"entry {m.name!r}: hard link to itself")
+            raise ArchiveError(f"entry {_show(m.name)}: hard link to itself")
         try:
             tfd = open_dir_beneath(self.root_fd, target[:-1])
         except FileNotFoundError:
             raise ArchiveError(
-                f"entry {m.name!r}: hard link target {m.linkname!r} is not in this layer"
+                f"entry {_show(m.name)}: hard link target {m.linkname!r} is not in this layer"
             ) from None
         try:
             tst = lstat_at(tfd, target[-1])
             if tst is None:
                 raise ArchiveError(
-                    f"entry {m.name!r}: hard link target {m.linkname!r} is not in this layer"
+                    f"entry {_show(m.name)}: hard link target {m.linkname!r} is not in this layer"
                 )
             if stat.S_ISDIR(tst.st_mode):
-                raise ArchiveError(f"entry {m.name!r}: hard link to a directory")
+                raise ArchiveError(f"entry {_show(m.name)}: hard link to a directory")
             pfd = self._parent(parts)
             try:
                 self._clear(pfd, parts)
@@ -483,9 +488,7 @@ def _xattrs(m: tarfile.TarInfo) -> dict[bytes, bytes]:
             continue
         name = key[len(_XATTR_PAX_PREFIX) :]
         if name in _KEPT_XATTRS or name.startswith(_KEPT_XATTR_PREFIXES):
-            out[name.encode("utf-8", "surrogateescape")] = value.encode(
-                "utf-8", "surrogateescape"
-            )
+            out[name.encode("utf-8", "surrogateescape")] = value.encode("utf-8", "surrogateescape")
     return out
 
 
@@ -527,14 +530,14 @@ def extract_tar(
                         break
                     # In stream mode tarfile keeps every member it has seen; we do not
                     # need them, and a huge archive would otherwise pin them all in memory.
-                    tf.members.clear()
+                    tf.members.clear()  # type: ignore[attr-defined]
                     try:
                         ex.entry(tf, m)
                     except UnsafePathError as e:
-                        raise ArchiveError(f"entry {m.name!r}: {e}") from None
+                        raise ArchiveError(f"entry {_show(m.name)}: {e}") from None
                     except OSError as e:
                         if e.errno == errno.ENAMETOOLONG:
-                            raise ArchiveError(f"entry {m.name!r}: name too long") from None
+                            raise ArchiveError(f"entry {_show(m.name)}: name too long") from None
                         raise
             ex.finish()
             # Read on to the end: it makes gzip/xz/bzip2 verify their checksums, and the

@@ -61,12 +61,11 @@ def open_dir_beneath(
     components: Sequence[bytes],
     *,
     create: bool = False,
-    on_create: Callable[[int, bytes], None] | None = None,
 ) -> int:
     """Open the directory *components* below *root_fd*, never following a symlink.
 
-    With *create*, missing directories are made (mode 0755, owned by the caller) and
-    *on_create(parent_fd, name)* is told about each. The caller closes the returned fd.
+    With *create*, missing directories are made (mode 0755, owned by the caller). The
+    caller closes the returned fd.
     Raises :class:`UnsafePathError` if a component exists but is a symlink or not a
     directory, ``FileNotFoundError`` if one is missing and *create* is false.
     """
@@ -78,14 +77,20 @@ def open_dir_beneath(
             except FileNotFoundError:
                 if not create:
                     raise
+                made = False
                 try:
-                    os.mkdir(name, 0o755, dir_fd=fd)
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                    made = True
                 except FileExistsError:
-                    pass  # made by an earlier step of the same entry; open it below
-                else:
-                    if on_create is not None:
-                        on_create(fd, name)
+                    pass  # appeared meanwhile; open it below like any existing directory
                 nfd = _open_child_dir(fd, components, i)
+                if made:
+                    try:
+                        # Explicitly, so the result does not depend on the caller's umask.
+                        os.fchmod(nfd, 0o755)
+                    except BaseException:
+                        os.close(nfd)
+                        raise
             except OSError as e:
                 if e.errno in (errno.ENOTDIR, errno.ELOOP):
                     raise _unsafe(fd, components, i) from None
@@ -171,7 +176,9 @@ def rename_noreplace(src: str, dst: str) -> None:
         _libc_renameat2 = fn
     at_fdcwd = -100
     rename_noreplace_flag = 1
-    if _libc_renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace_flag):
+    if _libc_renameat2(
+        at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace_flag
+    ):
         e = ctypes.get_errno()
         if e == errno.EEXIST or e == errno.ENOTEMPTY:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
@@ -321,7 +328,10 @@ def _copy_dir(
                 src_parent = open_dir_beneath(root_fd, first[:-1])
                 try:
                     os.link(
-                        first[-1], name, src_dir_fd=src_parent, dst_dir_fd=dst_fd,
+                        first[-1],
+                        name,
+                        src_dir_fd=src_parent,
+                        dst_dir_fd=dst_fd,
                         follow_symlinks=False,
                     )
                 finally:

@@ -151,10 +151,10 @@ def capset_drop_to(keep: frozenset[int]) -> None:
 def close_range_from(first: int, keep: tuple[int, ...] = ()) -> None:
     """Close every fd >= *first* except those in *keep* (close_range(2) when it exists)."""
     start = first
-    for fd in sorted(k for k in keep if k >= first) + [None]:  # type: ignore[list-item]
+    bounds = [k for k in sorted(keep) if k >= first]
+    for fd in [*bounds, None]:
         end = (fd - 1) if fd is not None else 0xFFFFFFFF
-        if end >= start:
-            if _libc.syscall(_SYS_CLOSE_RANGE, start, end, 0) < 0:
-                os.closerange(start, min(end + 1, 65536))
+        if end >= start and _libc.syscall(_SYS_CLOSE_RANGE, start, end, 0) < 0:
+            os.closerange(start, min(end + 1, 65536))
         if fd is not None:
             start = fd + 1

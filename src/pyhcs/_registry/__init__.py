@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["Registry"]
 
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS layers (
 );
 CREATE TABLE IF NOT EXISTS images (
     name        TEXT PRIMARY KEY,
-    top_layer   TEXT NOT NULL,           -- the topmost layer; the chain follows parents
+    top_layer   TEXT NOT NULL,           -- the topmost layer (the chain follows parents)
     config      TEXT NOT NULL DEFAULT '{}', -- image config (Env, Cmd, ...) as JSON
     created     REAL NOT NULL
 );
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS containers (
     supervisor_start INTEGER,           -- start time (clock ticks) guarding against pid reuse
     image       TEXT NOT NULL DEFAULT '',
     auto_remove INTEGER NOT NULL DEFAULT 0,
-    sandbox_layer TEXT NOT NULL DEFAULT '', -- the sandbox layer pyhcs made for it ('' if the caller's)
+    sandbox_layer TEXT NOT NULL DEFAULT '', -- the sandbox pyhcs made ('' if the caller's)
     layer_home  TEXT NOT NULL DEFAULT '',   -- DriverInfo.home_dir of that sandbox
     created     REAL NOT NULL,
     started     REAL,
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS processes (
 class Registry:
     """A connection to the registry at *db_path*; create it with :meth:`open`."""
 
-    _cache: dict[tuple[int, str], Registry] = {}
+    _cache: ClassVar[dict[tuple[int, str], Registry]] = {}
     _cache_lock = threading.Lock()
 
     def __init__(self, db_path: Path) -> None:
@@ -101,7 +101,9 @@ class Registry:
         (version,) = c.execute("PRAGMA user_version").fetchone()
         if version < _SCHEMA_VERSION:
             with self.transaction():
-                for stmt in _SCHEMA.split(";"):
+                # comments go first: a ';' in one must not split a statement
+                body = "\n".join(line.split("--", 1)[0] for line in _SCHEMA.splitlines())
+                for stmt in body.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
                 c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")

@@ -13,7 +13,6 @@ import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 __all__ = ["Cgroup", "CgroupManager", "Resources", "CgroupStats", "manager", "V1Manager",
@@ -195,7 +194,9 @@ class V1Cgroup:
 
     def oom_killed(self) -> bool:
         d = self.dirs.get("memory")
-        return bool(d) and _read_kv(os.path.join(d, "memory.oom_control")).get("oom_kill", 0) > 0
+        if d is None:
+            return False
+        return _read_kv(os.path.join(d, "memory.oom_control")).get("oom_kill", 0) > 0
 
     def stats(self) -> CgroupStats:
         mem = self.dirs.get("memory", "")

@@ -166,9 +166,8 @@ def process_spec(pc: ProcessConfig, *, default_env: dict[str, str] | None = None
                  default_cwd: str = "/") -> dict[str, Any]:
     """The OCI ``process`` object for a ProcessConfig."""
     argv = parse_command_line(pc.command_line)
-    if pc.application_name:
-        if not argv:
-            argv = [pc.application_name]
+    if pc.application_name and not argv:
+        argv = [pc.application_name]
     if not argv:
         raise InvalidConfigError("CreateProcess", message="CommandLine is empty")
     env = dict(default_env or {})

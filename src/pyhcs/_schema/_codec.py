@@ -100,14 +100,17 @@ def _prune_value(obj: Any, raw: Any) -> Any:
 
 
 def _prune(raw: Any, t: mi.Type) -> Any:
-    # msgspec's omit_defaults leaves out empty collections but not a nested document equal to
-    # its default_factory(); once its own defaults are gone such a document encodes as {}.
+    # msgspec's omit_defaults only drops a value that *is* the default object (or an empty
+    # collection): a loaded "Container" or (0, 0), or a nested document equal to its
+    # default_factory(), would still be written. Compare the encoded forms instead.
     if isinstance(t, mi.StructType) and isinstance(raw, dict):
+        omit = t.cls.__struct_config__.omit_defaults
+        defaults = _encoded_defaults(t.cls)
         for f in t.fields:
             if f.encode_name not in raw:
                 continue
             sub = _prune(raw[f.encode_name], f.type)
-            if sub == {} and isinstance(f.type, mi.StructType) and f.default_factory is f.type.cls:
+            if omit and sub == defaults[f.encode_name]:
                 del raw[f.encode_name]
             else:
                 raw[f.encode_name] = sub
@@ -122,6 +125,22 @@ def _prune(raw: Any, t: mi.Type) -> Any:
     if isinstance(t, mi.DictType) and isinstance(raw, dict):
         return {k: _prune(v, t.value_type) for k, v in raw.items()}
     return raw
+
+
+@functools.cache
+def _encoded_defaults(cls: Any) -> dict[str, Any]:
+    """Each field's default in JSON shape, by JSON name (never handed out: compared only)."""
+    info = _type_info(cls)
+    assert isinstance(info, mi.StructType)
+    return {
+        f.encode_name: _prune(
+            msgspec.to_builtins(
+                f.default_factory() if f.default is msgspec.NODEFAULT else f.default
+            ),
+            f.type,
+        )
+        for f in info.fields
+    }
 
 
 # --------------------------------------------------------------------------- reading

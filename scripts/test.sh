@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The project's checks: lint, types, then the test suite on the real kernel (as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,107 @@
+"""The layer store: hcsshim's layer functions on Linux, over overlayfs.
+
+hcsshim's graph driver keeps each layer in a folder under ``DriverInfo.home_dir`` and stacks
+them with a file-system filter; pyhcs does the same with overlayfs (filter flavour, 1) or
+with full copies (diff flavour, 0). Every layer is also a row of the registry's ``layers``
+table (id, parent, kind, path, flavour, state, digest, size, created); a folder becomes
+visible only once it is complete and its row is written.
+
+On-disk format
+--------------
+
+::
+
+    <home_dir>/                         mode 0700 (default: $PYHCS_ROOT/layers)
+      <id>/                             one layer folder; "parent layer paths" are these
+        fs/                             the layer's files, overlay style:
+                                          whiteout  = character device 0:0 named as the
+                                                      hidden entry
+                                          opaque dir = xattr trusted.overlay.opaque=y
+        upper/   work/                  sandbox only: overlay upperdir and workdir
+        rootfs/                         sandbox only: where prepare_layer makes the
+                                          container's root (overlay mount point; for the
+                                          diff flavour a full copy of the chain)
+        .activations                    activate_layer's count (absent: 0)
+        .diff-populated                 diff flavour: rootfs/ holds the copied chain
+      .tmp-<id>-<random>/               an import or creation in progress (renamed to <id>
+                                          on success, removed on failure)
+      .trash-<id>-<random>/             a destroyed layer being removed
+
+Kinds: ``base`` (no parent: imported rootfs, or ``create_layer`` without parent), ``layer``
+(read-only, with a parent), ``sandbox`` (read-write, for a container). States: ``ready`` or
+``prepared``. Ids are 1-128 characters of ``[A-Za-z0-9_.-]`` starting with a letter or
+digit, unique per registry.
+
+Archives are imported by a streaming extractor that refuses anything that could write
+outside ``fs/`` (see :mod:`pyhcs._layers._extract` for the rules and limits).
+
+Images (:func:`import_image`, :func:`resolve_image`...) name layer chains and carry an
+image config; :func:`ensure_busybox_image` builds a small real image from the host's
+static busybox.
+"""
+
+from __future__ import annotations
+
+from pyhcs._layers._busybox import BUSYBOX_CONFIG, build_busybox_tar, ensure_busybox_image
+from pyhcs._layers._extract import DEFAULT_MAX_SIZE, MAX_ENTRIES, MAX_HEADER_SIZE
+from pyhcs._layers._images import (
+    ImageInfo,
+    ImageNotFoundError,
+    import_image,
+    list_images,
+    remove_image,
+    resolve_image,
+)
+from pyhcs._layers._store import (
+    DIFF_DRIVER,
+    FILTER_DRIVER,
+    DriverInfo,
+    LayerDescriptor,
+    activate_layer,
+    create_layer,
+    create_sandbox_layer,
+    deactivate_layer,
+    destroy_layer,
+    get_layer_mount_path,
+    get_shared_base_images,
+    import_layer_from_tar,
+    layer_exists,
+    layer_paths_to_descriptors,
+    prepare_layer,
+    process_base_layer,
+    process_utility_vm_image,
+    unprepare_layer,
+)
+
+__all__ = [
+    "BUSYBOX_CONFIG",
+    "DEFAULT_MAX_SIZE",
+    "DIFF_DRIVER",
+    "FILTER_DRIVER",
+    "MAX_ENTRIES",
+    "MAX_HEADER_SIZE",
+    "DriverInfo",
+    "ImageInfo",
+    "ImageNotFoundError",
+    "LayerDescriptor",
+    "activate_layer",
+    "build_busybox_tar",
+    "create_layer",
+    "create_sandbox_layer",
+    "deactivate_layer",
+    "destroy_layer",
+    "ensure_busybox_image",
+    "get_layer_mount_path",
+    "get_shared_base_images",
+    "import_image",
+    "import_layer_from_tar",
+    "layer_exists",
+    "layer_paths_to_descriptors",
+    "list_images",
+    "prepare_layer",
+    "process_base_layer",
+    "process_utility_vm_image",
+    "remove_image",
+    "resolve_image",
+    "unprepare_layer",
+]

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import pyhcs
+
+
+@pytest.fixture
+def make_container(busybox: list[str], unique_id: str
+                   ) -> Iterator[Callable[..., pyhcs.Container]]:
+    """Create (not start) containers on busybox; every one is removed at teardown."""
+    made: list[str] = []
+
+    def make(**fields: object) -> pyhcs.Container:
+        cid = f"{unique_id}-{len(made)}"
+        layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in busybox]
+        config = pyhcs.ContainerConfig(layers=layers, **fields)  # type: ignore[arg-type]
+        c = pyhcs.create_container(cid, config)
+        made.append(cid)
+        return c
+
+    yield make
+    for cid in made:
+        with contextlib.suppress(pyhcs.HcsError):
+            pyhcs.remove_container(cid, force=True)
+
+
+def run(c: pyhcs.Container, command: str, **fields: object) -> tuple[int, bytes, bytes]:
+    """Run *command* in the started container *c*; return (exit code, stdout, stderr)."""
+    p = c.create_process(pyhcs.ProcessConfig(command_line=command, create_std_out_pipe=True,
+                                             create_std_err_pipe=True, **fields))  # type: ignore[arg-type]
+    _, out, err = p.stdio()
+    assert out is not None and err is not None
+    data = out.read()
+    edata = err.read()
+    code = p.wait(30)
+    out.close()
+    err.close()
+    p.close()
+    return code, data, edata

@@ -1,0 +1,218 @@
+"""Containers and processes on the real kernel, through the public API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+
+import pytest
+
+import pyhcs
+
+from .conftest import run
+
+Make = Callable[..., pyhcs.Container]
+
+
+@pytest.mark.parametrize(("command", "code"), [
+    ("true", 0), ("false", 1), ("sh -c 'exit 7'", 7),
+    # pid 1 ignores SIGKILL from inside its own namespace, so a child shell is the victim
+    ("sh -c 'sh -c \"kill -9 \\$\\$\"; exit $?'", 137),
+])
+def test_exit_codes(make_container: Make, command: str, code: int) -> None:
+    c = make_container()
+    c.start()
+    assert run(c, command)[0] == code
+    c.wait(10)
+    state = pyhcs.container_state(c.id)
+    assert state["state"] == "stopped"
+    assert state["exit_code"] == code
+
+
+def test_first_process_is_pid_1_and_host_is_invisible(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    code, out, _ = run(c, "sh -c 'echo $$; ls /proc'")
+    assert code == 0
+    lines = out.decode().split()
+    assert lines[0] == "1"
+    pids = {int(x) for x in lines[1:] if x.isdigit()}
+    assert pids <= {1, 2, 3}, pids  # sh, ls and nothing of the host
+    assert os.getpid() not in pids or os.getpid() <= 3
+
+
+def test_hostname(make_container: Make) -> None:
+    c = make_container(host_name="pyhcs-box")
+    c.start()
+    assert run(c, "hostname")[1] == b"pyhcs-box\n"
+    assert os.uname().nodename != "pyhcs-box"
+
+
+def test_memory_limit_kills(make_container: Make) -> None:
+    c = make_container(memory_maximum_in_mb=16)
+    c.start()
+    code, _, _ = run(c, "dd if=/dev/zero of=/dev/null bs=64M count=1")
+    assert code == 137
+    c.wait(10)
+    assert pyhcs.container_state(c.id)["exit_type"] == "OOMKilled"
+
+
+def test_memory_limit_allows_small(make_container: Make) -> None:
+    c = make_container(memory_maximum_in_mb=64)
+    c.start()
+    assert run(c, "dd if=/dev/zero of=/dev/null bs=4M count=1")[0] == 0
+
+
+def test_host_fds_are_closed(make_container: Make) -> None:
+    leak = os.open("/etc/hostname", os.O_RDONLY)  # inheritable on purpose
+    os.set_inheritable(leak, True)
+    try:
+        c = make_container()
+        c.start()
+        code, out, _ = run(c, "ls /proc/self/fd")
+        assert code == 0
+        assert set(out.split()) <= {b"0", b"1", b"2", b"3"}  # 3 is ls's own directory fd
+    finally:
+        os.close(leak)
+
+
+def test_stdin_and_close_stdin(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="cat", create_std_in_pipe=True,
+                                             create_std_out_pipe=True))
+    stdin, stdout, _ = p.stdio()
+    assert stdin is not None and stdout is not None
+    stdin.write(b"through the pipe\n")
+    p.close_stdin()
+    assert stdout.read() == b"through the pipe\n"
+    assert p.wait(10) == 0
+    stdout.close()
+
+
+def test_second_process_shares_the_container(make_container: Make) -> None:
+    c = make_container(host_name="shared")
+    c.start()
+    init = c.create_process(pyhcs.ProcessConfig(command_line="sleep 30"))
+    assert init.pid == 1
+    code, out, _ = run(c, "sh -c 'hostname; echo $$'")
+    assert code == 0
+    host, pid = out.decode().split()
+    assert host == "shared" and int(pid) > 1
+    init.kill()
+    assert init.wait(10) == 128 + signal.SIGKILL
+    c.wait(10)
+
+
+def test_exec_failure_reports_wait_err_exec_failed(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="/no/such/program"))
+    assert p.exec_error
+    assert p.wait(10) == pyhcs.WAIT_ERR_EXEC_FAILED
+    assert p.exit_code() == pyhcs.WAIT_ERR_EXEC_FAILED
+
+
+def test_wait_timeout_and_terminate(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
+    with pytest.raises(pyhcs.ContainerTimeoutError) as info:
+        c.wait(0.2)
+    assert pyhcs.is_timeout(info.value)
+    assert isinstance(info.value, TimeoutError)
+    with pytest.raises(pyhcs.ProcessError) as pinfo:
+        p.exit_code()
+    assert pinfo.value.code is pyhcs.ERR_INVALID_PROCESS_STATE
+    c.terminate()
+    c.wait(10)
+    assert p.wait(10) == 137
+    with pytest.raises(pyhcs.ContainerError) as again:
+        c.terminate()
+    assert pyhcs.is_already_stopped(again.value)
+
+
+def test_shutdown_sends_sigterm(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(
+        command_line="sh -c 'trap \"exit 42\" TERM; while true; do sleep 0.05; done'"))
+    time.sleep(0.2)  # let the shell install its trap
+    c.shutdown()
+    c.wait(10)
+    assert p.wait(10) == 42
+
+
+def test_closed_handle_and_missing_container(make_container: Make) -> None:
+    c = make_container()
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(pyhcs.ContainerError) as info:
+        c.start()
+    assert pyhcs.is_already_closed(info.value)
+    with pytest.raises(pyhcs.ContainerError) as missing:
+        pyhcs.open_container("does-not-exist")
+    assert pyhcs.is_not_exist(missing.value)
+
+
+def test_duplicate_id_refused(make_container: Make) -> None:
+    c = make_container()
+    with pytest.raises(pyhcs.ContainerError) as info:
+        pyhcs.create_container(c.id, pyhcs.ContainerConfig(layers=[]))
+    assert info.value.code is pyhcs.ERR_ALREADY_EXISTS
+
+
+def test_invalid_id_refused() -> None:
+    with pytest.raises(pyhcs.InvalidConfigError):
+        pyhcs.create_container("../escape", pyhcs.ContainerConfig())
+
+
+def test_container_survives_its_creator(busybox: list[str], unique_id: str) -> None:
+    script = textwrap.dedent(f"""
+        import pyhcs
+        layers = [pyhcs.Layer(id=p.rsplit('/', 1)[-1], path=p) for p in {busybox!r}]
+        c = pyhcs.create_container({unique_id!r}, pyhcs.ContainerConfig(layers=layers))
+        c.start()
+        c.create_process(pyhcs.ProcessConfig(command_line="sh -c 'sleep 1; exit 3'"))
+        print("started", flush=True)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert pyhcs.container_state(unique_id)["state"] == "running"
+        c = pyhcs.open_container(unique_id)
+        c.wait(30)
+        assert pyhcs.container_state(unique_id)["exit_code"] == 3
+        assert c.open_process(1).exit_code() == 3
+    finally:
+        pyhcs.remove_container(unique_id, force=True)
+
+
+def test_killed_supervisor_reports_255(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
+    sup = pyhcs.container_state(c.id)["supervisor_pid"]
+    os.kill(sup, signal.SIGKILL)
+    c.wait(10)
+    state = pyhcs.container_state(c.id)
+    assert state["state"] == "stopped"
+    assert state["exit_code"] == 255
+
+
+def test_statistics_and_process_list(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="sleep 30"))
+    stats = c.statistics()
+    assert stats.memory.usage_commit_bytes > 0
+    items = c.process_list()
+    assert [i.process_id for i in items] == [1]
+    assert items[0].image_name == "sleep"
+    p.kill()
+    c.wait(10)

@@ -1,0 +1,37 @@
+"""The registry: WAL, one schema, concurrent writers wait instead of failing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pyhcs._paths import Roots
+from pyhcs._registry import Registry
+
+WRITER = """
+import sys
+from pathlib import Path
+from pyhcs._registry import Registry
+reg = Registry.open(Path(sys.argv[1]))
+for i in range(int(sys.argv[3])):
+    reg.execute("INSERT INTO images(name, top_layer, created) VALUES (?,?,?)",
+                (f"{sys.argv[2]}-{i}", "x", 0.0))
+"""
+
+
+def test_wal_and_concurrent_writers(roots: Roots) -> None:
+    reg = Registry.open(roots.db_path)
+    assert reg.query_one("PRAGMA journal_mode")[0] == "wal"  # type: ignore[index]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(roots.db_path), f"w{i}", "50"],
+                              stderr=subprocess.PIPE) for i in range(8)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    assert reg.query_one("SELECT count(*) FROM images")[0] == 400  # type: ignore[index]
+
+
+def test_env_overrides_roots(roots: Roots) -> None:
+    assert Roots.resolve() == roots
+    explicit = Roots.resolve("/x", "/y")
+    assert str(explicit.db_path) == "/x/registry.db"
+    assert str(explicit.container_run_dir("c1")) == "/y/containers/c1"

@@ -435,6 +435,10 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
         raise
     if pid == 0:
         try:
+            # Until exec this process is the host's Python binary inside the container's pid
+            # namespace: non-dumpable, its /proc/<pid>/exe is closed to container processes
+            # (they lack CAP_SYS_PTRACE). exec makes the container's program dumpable again.
+            L.prctl(L.PR_SET_DUMPABLE, 0)
             for s in _RESET_SIGNALS:
                 signal.signal(s, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())

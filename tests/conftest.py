@@ -125,6 +125,8 @@ def leak_check() -> Iterator[None]:
     """Fail the session if it leaves kernel state behind."""
     before = _snapshot()
     yield
+    from pyhcs._runtime._cgroups import remove_parent
+
     leaks = []
     # Processes first: a supervisor still running would explain every other leak.
     deadline = time.monotonic() + 10
@@ -133,6 +135,10 @@ def leak_check() -> Iterator[None]:
         if not procs or time.monotonic() > deadline:
             break
         time.sleep(0.1)
+    try:
+        remove_parent()  # pyhcs keeps it between containers; the session made it
+    except OSError as e:
+        leaks.append(f"cgroup parent {CGROUP_PARENT} still in use: {e}")
     if procs:
         leaks.append("processes: " + ", ".join(f"{p} {_cmdline(p)!r}" for p in sorted(procs)))
     after = _snapshot()

@@ -30,7 +30,7 @@ from typing import Any
 from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
 from .._paths import Roots
-from .._runtime._native import Sandbox, create_sandbox, spawn
+from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
 from . import _protocol as P
 
 __all__ = ["launch", "process_start_time", "read_status", "SUPERVISOR_SOCKET", "STATUS_FILE"]
@@ -138,7 +138,20 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        # pid 1 is born to the namespace holder; as a subreaper we inherit it when the
+        # holder exits, and so reap it ourselves.
+        L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
         self.sandbox = create_sandbox(self.id, self.spec)
+        try:
+            self._listen()
+        except BaseException:
+            destroy_sandbox(self.sandbox)
+            self.sandbox = None
+            raise
+        self.started = time.time()
+        self._write_status("running")
+
+    def _listen(self) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         path = str(self.run_dir / SUPERVISOR_SOCKET)
         try:
@@ -155,8 +168,6 @@ class Supervisor:
         self.listener.listen(64)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
-        self.started = time.time()
-        self._write_status("running")
 
     def _write_status(self, state: str, **extra: Any) -> None:
         status = {
@@ -194,30 +205,19 @@ class Supervisor:
 
     def _finish(self) -> None:
         """Record the container's end, release its kernel state, answer waiters."""
+        init = self.procs.get(self.init_pid)
+        code = init.exit_code if init and init.exit_code is not None else 0
         sb = self.sandbox
         if sb is not None:
-            try:
-                sb.cgroup.kill_all()
-            except OSError:
-                pass
             oom = False
             try:
                 oom = sb.cgroup.oom_killed()
             except OSError:
                 pass
-            init = self.procs.get(self.init_pid)
-            code = init.exit_code if init and init.exit_code is not None else 0
             if not self.exit_type:
                 self.exit_type = "OOMKilled" if oom and code == 137 else "Exited"
-            sb.close()
-            try:
-                sb.cgroup.remove()
-            except OSError:
-                traceback.print_exc()
+            destroy_sandbox(sb)
             self.sandbox = None
-        else:
-            code = 0
-        init = self.procs.get(self.init_pid)
         code = init.exit_code if init and init.exit_code is not None else 0
         # the record comes before the socket goes: a client that finds no socket finds this
         self._write_status("stopped", exit_code=code, finished=time.time())
@@ -413,6 +413,8 @@ class Supervisor:
         else:
             self.exit_type = self.exit_type or "GracefulExit"
             self.stopping = True
+            if self.sandbox is not None:
+                self.sandbox.close()
         self._reply(conn, {})
 
     def _op_terminate(self, conn: socket.socket, req: dict[str, Any]) -> None:
@@ -420,6 +422,7 @@ class Supervisor:
         self.stopping = True
         if self.sandbox is not None:
             self.sandbox.cgroup.kill_all()
+            self.sandbox.close()  # a holder still waiting for pid 1 leaves too
         self._reply(conn, {})
 
     def _op_pause(self, conn: socket.socket, req: dict[str, Any]) -> None:
@@ -443,7 +446,10 @@ class Supervisor:
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            reaped, status = pid, -1
+            # pid 1 is still the holder's child until the holder has fully exited
+            if self.sandbox is None or not self.sandbox.reap_holder():
+                raise
+            reaped, status = os.waitpid(pid, os.WNOHANG)
         if reaped == 0:
             return  # not yet (a spurious wakeup)
         self.sel.unregister(p.pidfd)
@@ -458,7 +464,7 @@ class Supervisor:
         p.waiters.clear()
         if pid == self.init_pid:
             self.stopping = True
-            if self.sandbox is not None and self.sandbox.cgroup.pids():
+            if self.sandbox is not None:
                 self.sandbox.cgroup.kill_all()
         else:
             # an exec'd process: its pipes are the clients' now; record its exit
@@ -518,17 +524,16 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
             try:
                 traceback.print_exc()
                 code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-                os.write(w, json.dumps({"errno": code, "error": str(e)}).encode())
+                os.write(w, json.dumps({"errno": code, "error": str(e)[:2000]}).encode())
             finally:
                 os._exit(1)
     os.close(w)
     try:
-        os.waitpid(pid, 0)
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
+        data = os.read(r, 65536)  # one write of < PIPE_BUF bytes: it arrives whole
     finally:
         os.close(r)
+        # the intermediate exited long ago: reaping it now keeps its exit off our path
+        os.waitpid(pid, 0)
     if not data:
         raise OSError(errno.EIO, "the supervisor died while starting the container")
     msg = json.loads(data)

@@ -73,7 +73,7 @@ class Cgroup(Protocol):
     def stats(self) -> CgroupStats: ...
 
     def remove(self) -> None:
-        """Remove the cgroup (and the shared parent when it becomes empty); idempotent."""
+        """Remove the cgroup; idempotent. The shared parent stays (see :func:`remove_parent`)."""
 
 
 class CgroupManager(Protocol):
@@ -82,6 +82,10 @@ class CgroupManager(Protocol):
     def create(self, name: str, resources: Resources) -> Cgroup: ...
 
     def open(self, name: str) -> Cgroup: ...
+
+    def parent_dirs(self) -> list[str]:
+        """The shared parent cgroup of every hierarchy (kept between containers: making
+        and removing it costs every container start a few milliseconds)."""
 
 
 def _parent() -> str:
@@ -166,6 +170,8 @@ class V1Cgroup:
         return _read_pids(os.path.join(d, "cgroup.procs"))
 
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        if not self.pids():
+            return  # the common case at exit: nothing to freeze, nothing to kill
         if sig == signal.SIGKILL:
             self.freeze()
         try:
@@ -233,14 +239,8 @@ class V1Cgroup:
         )
 
     def remove(self) -> None:
-        for ctrl, d in self.dirs.items():
+        for d in self.dirs.values():
             _rmdir(d)
-            parent = os.path.dirname(d)
-            try:
-                os.rmdir(parent)  # the shared parent goes with its last container
-            except OSError:
-                pass
-            del ctrl
 
 
 class V1Manager:
@@ -302,6 +302,9 @@ class V1Manager:
 
     def open(self, name: str) -> V1Cgroup:
         return V1Cgroup(name, self._dirs(name))
+
+    def parent_dirs(self) -> list[str]:
+        return [os.path.join(m, _parent()) for m in self.mounts.values()]
 
 
 # -- v2 -------------------------------------------------------------------------------------
@@ -372,10 +375,6 @@ class V2Cgroup:
 
     def remove(self) -> None:
         _rmdir(self.path)
-        try:
-            os.rmdir(os.path.dirname(self.path))
-        except OSError:
-            pass
 
 
 class V2Manager:
@@ -425,6 +424,9 @@ class V2Manager:
     def open(self, name: str) -> V2Cgroup:
         return V2Cgroup(name, os.path.join(self.mount, _parent(), name))
 
+    def parent_dirs(self) -> list[str]:
+        return [os.path.join(self.mount, _parent())]
+
 
 def _v1_mounts(lines: Iterable[str]) -> dict[str, str]:
     mounts: dict[str, str] = {}
@@ -469,6 +471,15 @@ def _fs_magic(path: str) -> int:
     if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         return 0
     return int(buf.f_type) & 0xFFFFFFFF
+
+
+def remove_parent() -> None:
+    """Remove the shared parent cgroups if no container uses them (tests, uninstall)."""
+    for d in manager().parent_dirs():
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
 
 
 def reset_manager_for_tests(m: CgroupManager | None) -> None:

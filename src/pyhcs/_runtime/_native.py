@@ -1,11 +1,11 @@
 """The native executor: runs an OCI runtime spec with namespaces, mounts and cgroups.
 
 A started container is a :class:`Sandbox`: its namespaces, held open by file descriptors
-in the supervisor, and its cgroup. The namespaces are made once by a short-lived setup
-child (unshare, rootfs, pivot_root); every process of the container is then a direct child
-of the supervisor that joins them with setns(2), so the supervisor reaps every exit itself.
-The first process created becomes pid 1 of the container's pid namespace and mounts its
-/proc; when it exits, the kernel ends every other process of the container.
+in the supervisor, and its cgroup. A *holder* child makes them (cgroup, unshare, rootfs,
+pivot_root) and forks the container's first process, pid 1 of the new pid namespace, which
+mounts /proc; the holder then exits and pid 1 passes to the supervisor, a child subreaper.
+Later processes are the supervisor's own forks that join with setns(2). So the supervisor
+reaps every exit itself; when pid 1 exits the kernel ends the rest of the container.
 
 Everything that runs between fork and exec is careful: no exception may unwind into the
 parent's stack, so each child ends in ``os._exit``.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ from .. import _linux as L
 from ._cgroups import Cgroup, Resources, manager
 from ._spec import CAPABILITY_NUMBERS
 
-__all__ = ["Sandbox", "SpawnResult", "create_sandbox", "spawn", "secure_join", "resolve_user",
+__all__ = ["Sandbox", "SpawnResult", "create_sandbox", "destroy_sandbox", "spawn",
+           "secure_join", "resolve_user",
            "NATIVE_NAMESPACES"]
 
 # The order nsenter(1) joins them in; mnt last so /proc paths stay the host's until then.
@@ -41,19 +43,36 @@ _MAX_ID = (1 << 31) - 1  # ids at or past 2**31 are refused, never wrapped
 
 @dataclass
 class Sandbox:
-    """A started container: namespace fds (the pid namespace is the owner's children's)
-    and the cgroup."""
+    """A started container: its cgroup, namespace fds, and until its first process
+    exists, the holder that will fork it."""
 
     container_id: str
     spec: dict[str, Any]
     cgroup: Cgroup
     ns_fds: dict[str, int] = field(default_factory=dict)
-    has_init: bool = False
+    holder_pid: int = 0
+    holder_sock: socket.socket | None = None
+
+    def reap_holder(self) -> bool:
+        """Wait for the holder to be gone (it exits right after forking pid 1); False if
+        there was none."""
+        if not self.holder_pid:
+            return False
+        try:
+            os.waitpid(self.holder_pid, 0)
+        except ChildProcessError:
+            pass
+        self.holder_pid = 0
+        return True
 
     def close(self) -> None:
+        """Close the namespace fds, and the holder's socket (the holder then exits)."""
         for fd in self.ns_fds.values():
             os.close(fd)
         self.ns_fds.clear()
+        if self.holder_sock is not None:
+            self.holder_sock.close()
+            self.holder_sock = None
 
 
 @dataclass(frozen=True)
@@ -283,67 +302,78 @@ def _child_fail(fd: int, e: BaseException) -> None:
 def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
     """Create the namespaces and cgroup of a container and set up its root filesystem.
 
-    The calling process moves its *children* into the container's new pid namespace, so
-    every later :func:`spawn` from it lands there; call this once per process.
+    The namespaces are made by a *holder* child, which stays until the container's first
+    process: that process is the holder's own fork, so it is born in the cgroup and the
+    namespaces (pid 1 of the new pid namespace) without joining anything. The caller must
+    be a child subreaper (it inherits pid 1 when the holder exits) and must call this once.
     """
     flags = 0
     for ns in spec["linux"]["namespaces"]:
         flags |= _NS_FLAGS[{"network": "net", "mount": "mnt"}.get(ns["type"], ns["type"])]
     cg = manager().create(container_id, _resources(spec))
     sb = Sandbox(container_id, spec, cg)
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()
-        if pid == 0:  # the setup child
-            try:
-                os.close(ready_r)
-                os.close(go_w)
-                _join_cgroup(cg)
-                L.unshare(flags & ~L.CLONE_NEWPID)
-                if flags & L.CLONE_NEWUTS and spec.get("hostname"):
-                    socket.sethostname(spec["hostname"])
-                if flags & L.CLONE_NEWNET:
-                    _bring_up_loopback()
-                _setup_rootfs(spec)
-                os.write(ready_w, b"ok")
-                os.read(go_r, 1)  # stay alive until the supervisor holds our namespaces
-                os._exit(0)
-            except BaseException as e:
-                _child_fail(ready_w, e)
-        os.close(ready_w)
-        ready_w = -1
-        os.close(go_r)
-        go_r = -1
-        msg = os.read(ready_r, 4096)
-        try:
-            if msg != b"ok":
-                code, _, text = msg.decode(errors="replace").partition(":")
-                raise OSError(int(code) if code.isdigit() else errno.EIO,
-                              text or "the setup child died")
-            for ns in NATIVE_NAMESPACES:
-                sb.ns_fds[ns] = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            os.close(go_w)
-            go_w = -1
-            os.waitpid(pid, 0)
-        if flags & L.CLONE_NEWPID:
-            # A pid namespace cannot be held by an fd before it has a pid 1, so the caller
-            # itself moves its *children* into a new one: its next fork is the container's
-            # pid 1, and every later fork lands beside it.
-            L.unshare(L.CLONE_NEWPID)
+        if pid == 0:
+            _holder(theirs, ours, cg, spec, flags)
+        theirs.close()
+        sb.holder_pid = pid
+        sb.holder_sock = ours
+        msg = ours.recv(4096)
+        if msg != b"ok":
+            code, _, text = msg.decode(errors="replace").partition(":")
+            raise OSError(int(code) if code.isdigit() else errno.EIO,
+                          text or "the namespace holder died")
+        for ns in NATIVE_NAMESPACES:
+            sb.ns_fds[ns] = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         return sb
     except BaseException:
-        sb.close()
-        try:
-            cg.remove()
-        except OSError:
-            pass
+        theirs.close()
+        destroy_sandbox(sb)
         raise
-    finally:
-        for fd in (ready_r, ready_w, go_r, go_w):
-            if fd >= 0:
-                os.close(fd)
+
+
+def destroy_sandbox(sb: Sandbox) -> None:
+    """Release a sandbox: the holder (if still there), namespace fds, processes, cgroup."""
+    sb.close()
+    sb.reap_holder()
+    try:
+        sb.cgroup.kill_all()
+        sb.cgroup.remove()
+    except OSError:
+        pass
+
+
+def _holder(sock: socket.socket, other: socket.socket, cg: Cgroup, spec: dict[str, Any],
+            flags: int) -> None:
+    """The holder child: build the container, then fork its first process on request."""
+    try:
+        other.close()
+        # nothing of the supervisor's (client sockets, pipes) may live on in the holder
+        L.close_range_from(3, keep=(sock.fileno(),))
+        _join_cgroup(cg)
+        L.unshare(flags)
+        if flags & L.CLONE_NEWUTS and spec.get("hostname"):
+            socket.sethostname(spec["hostname"])
+        if flags & L.CLONE_NEWNET:
+            _bring_up_loopback()
+        _setup_rootfs(spec)
+        sock.send(b"ok")
+    except BaseException as e:
+        _child_fail(sock.fileno(), e)
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
+        if not data:
+            os._exit(0)  # the container stopped before it ran anything
+        req = json.loads(data)
+        result = _fork_exec(spec, req["process"], (fds[0], fds[1], fds[2]),
+                            console=fds[3] if len(fds) > 3 else -1, init=True, join=None)
+        sock.send(json.dumps({"pid": result.pid, "errno": result.exec_errno,
+                              "error": result.exec_error}).encode())
+        os._exit(0)  # pid 1 passes to the supervisor, our subreaper
+    except BaseException as e:
+        _child_fail(sock.fileno(), e)
 
 
 # -- users ----------------------------------------------------------------------------------
@@ -420,13 +450,50 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
 
     *stdio* are the fds the process gets as 0, 1 and 2. With *console* >= 0 that fd is a pty
     slave which becomes the controlling terminal. If the program cannot be executed, the
-    child exits and the result carries the errno and message.
+    child exits and the result carries the errno and message. The first process is pid 1;
+    later ones join the namespaces and the cgroup.
     """
-    init = not sb.has_init
+    if sb.holder_sock is not None:
+        return _spawn_init(sb, process, stdio, console)
+    join = (sb.cgroup.procs_files(),
+            [(sb.ns_fds[n], _NS_FLAGS[n]) for n in NATIVE_NAMESPACES if n in sb.ns_fds])
+    return _fork_exec(sb.spec, process, stdio, console=console, init=False, join=join)
+
+
+def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int],
+                console: int) -> SpawnResult:
+    sock = sb.holder_sock
+    assert sock is not None
+    fds = [*stdio, console] if console >= 0 else list(stdio)
+    try:
+        socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
+        msg = sock.recv(1 << 16)
+    finally:
+        # the holder exits now; once reaped (reap_holder), pid 1 is our child
+        sock.close()
+        sb.holder_sock = None
+    if not msg.startswith(b"{"):
+        code, _, text = msg.decode(errors="replace").partition(":")
+        raise OSError(int(code) if code.isdigit() else errno.EIO,
+                      text or "the namespace holder died")
+    reply = json.loads(msg)
+    pid = int(reply["pid"])
+    try:
+        # later processes are forked by us: into the container's pid namespace
+        pidns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            L.setns(pidns, L.CLONE_NEWPID)
+        finally:
+            os.close(pidns)
+    except OSError:
+        pass  # pid 1 is already gone: the container is stopping, nothing more will run
+    return SpawnResult(pid, int(reply["errno"]), reply["error"])
+
+
+def _fork_exec(spec: dict[str, Any], process: dict[str, Any], stdio: tuple[int, int, int], *,
+               console: int, init: bool,
+               join: tuple[list[str], list[tuple[int, int]]] | None) -> SpawnResult:
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    cg_files = sb.cgroup.procs_files()
-    ns_fds = [(sb.ns_fds[n], _NS_FLAGS[n]) for n in NATIVE_NAMESPACES if n in sb.ns_fds]
-    spec = sb.spec
     try:
         pid = os.fork()
     except BaseException:
@@ -442,45 +509,36 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
             for s in _RESET_SIGNALS:
                 signal.signal(s, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            if init:
-                # if the supervisor dies, the container dies with it and recovery reports 255
-                L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
-            for f in cg_files:
-                fd = os.open(f, os.O_WRONLY)
-                os.write(fd, b"0")
-                os.close(fd)
-            for fd, flag in ns_fds:
-                L.setns(fd, flag)
+            if join is not None:
+                cg_files, ns_fds = join
+                for f in cg_files:
+                    fd = os.open(f, os.O_WRONLY)
+                    os.write(fd, b"0")
+                    os.close(fd)
+                for fd, flag in ns_fds:
+                    L.setns(fd, flag)
             if init:
                 _mount_proc(spec)
             # stdio first, then close every other fd: nothing of the host survives exec
-            fds = list(stdio)
-            for i, fd in enumerate(fds):
+            for i, fd in enumerate(stdio):
                 if fd == i:
                     os.set_inheritable(fd, True)
                 elif fd >= 0:
                     os.dup2(fd, i)
             L.close_range_from(3, keep=(err_w,))
+            os.setsid()
             if console >= 0:
-                os.setsid()
-                fcntl.ioctl(0, 0x540E, 0)  # TIOCSCTTY
-            else:
-                os.setsid()
+                fcntl.ioctl(0, 0x540E, 0)  # TIOCSCTTY: the pty becomes our terminal
             _exec(process, err_w)
         except BaseException as e:
             _child_fail(err_w, e)
     os.close(err_w)
     try:
         msg = b""
-        while True:
-            chunk = os.read(err_r, 4096)
-            if not chunk:
-                break
+        while chunk := os.read(err_r, 4096):
             msg += chunk
     finally:
         os.close(err_r)
-    if init:
-        sb.has_init = True
     if msg:
         code, _, text = msg.decode(errors="replace").partition(":")
         return SpawnResult(pid, int(code) if code.isdigit() else errno.EIO, text)

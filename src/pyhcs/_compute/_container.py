@@ -57,7 +57,13 @@ from .._schema import (
     validate,
 )
 from . import _protocol as P
-from ._supervisor import SUPERVISOR_SOCKET, launch, process_start_time, read_status
+from ._supervisor import (
+    SUPERVISOR_SOCKET,
+    launch,
+    process_start_time,
+    read_status,
+    reap_supervisors,
+)
 
 __all__ = [
     "Container",
@@ -101,6 +107,7 @@ def _reply_error(reply: dict[str, Any]) -> OSError | None:
 
 
 def _supervisor_alive(row: sqlite3.Row) -> bool:
+    reap_supervisors()
     pid = row["supervisor_pid"]
     return bool(pid) and process_start_time(pid) == row["supervisor_start"]
 
@@ -296,6 +303,8 @@ class Container:
                 row = self._row("Wait")
                 if row["state"] == "stopped":
                     return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ContainerTimeoutError(self._id, "Wait", ERR_TIMEOUT) from None
                 time.sleep(0.005)  # between the supervisor's socket going and its record
 
     def wait_timeout(self, timeout: float) -> None:
@@ -680,7 +689,7 @@ def create_container(container_id: str, config: ContainerConfig, *,
         try:
             spec = container_spec(container_id, config, rootfs)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(spec, indent=1))
+            (run_dir / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
         except BaseException:
             if sandbox:
                 _layers.unprepare_layer(info, sandbox)
@@ -789,6 +798,7 @@ def remove_container(container_id: str, *, force: bool = False,
         except ContainerError:
             pass
         c.wait(30)
+    reap_supervisors()
     if row["sandbox_layer"]:
         info = _layers.DriverInfo(1, row["layer_home"])
         try:

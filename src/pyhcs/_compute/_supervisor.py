@@ -1,6 +1,7 @@
 """The supervisor: one per running container, the parent of all its processes.
 
-It is forked (twice, so it belongs to no client) when a container starts, owns the
+It is forked when a container starts (a new session, no inherited fds: it outlives its
+client, which only reaps it if it finishes first), owns the
 container's namespaces and cgroup, reaps every process it spawns, records exits in the
 run directory and serves clients over a unix socket there. Clients
 may come and go; nothing is lost when the creating client exits. When the container's
@@ -33,7 +34,8 @@ from .._paths import Roots
 from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
 from . import _protocol as P
 
-__all__ = ["launch", "process_start_time", "read_status", "SUPERVISOR_SOCKET", "STATUS_FILE"]
+__all__ = ["launch", "process_start_time", "read_status", "reap_supervisors",
+           "SUPERVISOR_SOCKET", "STATUS_FILE"]
 
 SUPERVISOR_SOCKET = "sup.sock"
 #: The supervisor's record of the container, replaced atomically on every change. The
@@ -44,13 +46,17 @@ _TIOCSWINSZ = 0x5414
 
 
 def process_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of *pid*, or None if it does not exist."""
+    """The start time (clock ticks since boot) of *pid*, or None if it does not exist or
+    has exited (a zombie is not alive)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    return int(data.rsplit(b")", 1)[1].split()[19])
+    fields = data.rsplit(b")", 1)[1].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
@@ -148,8 +154,9 @@ class Supervisor:
             destroy_sandbox(self.sandbox)
             self.sandbox = None
             raise
+        # no status file yet: the client records 'running' itself, and a missing file with
+        # a live supervisor means just that
         self.started = time.time()
-        self._write_status("running")
 
     def _listen(self) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -496,6 +503,23 @@ def _become_daemon(keep: int, log_path: Path) -> None:
     os.chdir("/")
 
 
+# Supervisors this process forked. A supervisor is our child (one fork, not two: a fork of
+# a Python process costs milliseconds), and leaves its session, signals and fds behind at
+# once; when we exit it passes to init. While we live we reap the ones that finished.
+_children: set[int] = set()
+
+
+def reap_supervisors() -> None:
+    """Collect the exit of every supervisor this process forked that has finished."""
+    for pid in list(_children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid  # someone else reaped it (a waitpid(-1) in the application)
+        if done:
+            _children.discard(pid)
+
+
 def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float]:
     """Fork the supervisor of *container_id* and start the container.
 
@@ -504,13 +528,13 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
     Raises ``OSError`` with the supervisor's reason if the container could not start.
     """
     run_dir = roots.container_run_dir(container_id)
+    reap_supervisors()
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
-            if os.fork() != 0:
-                os._exit(0)  # the intermediate: the supervisor is re-parented away from us
+            _children.clear()
             _become_daemon(w, run_dir / "supervisor.log")
             sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
@@ -528,12 +552,11 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
             finally:
                 os._exit(1)
     os.close(w)
+    _children.add(pid)
     try:
         data = os.read(r, 65536)  # one write of < PIPE_BUF bytes: it arrives whole
     finally:
         os.close(r)
-        # the intermediate exited long ago: reaping it now keeps its exit off our path
-        os.waitpid(pid, 0)
     if not data:
         raise OSError(errno.EIO, "the supervisor died while starting the container")
     msg = json.loads(data)

@@ -52,6 +52,7 @@ class Sandbox:
     ns_fds: dict[str, int] = field(default_factory=dict)
     holder_pid: int = 0
     holder_sock: socket.socket | None = None
+    init_pid: int = 0  # host pid of the container's pid 1, once known
 
     def reap_holder(self) -> bool:
         """Wait for the holder to be gone (it exits right after forking pid 1); False if
@@ -281,11 +282,12 @@ def _resources(spec: dict[str, Any]) -> Resources:
     )
 
 
-def _join_cgroup(cg: Cgroup) -> None:
+def _move_to_cgroup(cg: Cgroup, pid: int) -> None:
+    data = str(pid).encode()
     for f in cg.procs_files():
         fd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.write(fd, b"0")
+            os.write(fd, data)
         finally:
             os.close(fd)
 
@@ -320,6 +322,10 @@ def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
         theirs.close()
         sb.holder_pid = pid
         sb.holder_sock = ours
+        # The first move into a new cgroup waits out an RCU grace period in the kernel
+        # (cgroup v1): we pay it here while the holder builds the namespaces beside us.
+        _move_to_cgroup(cg, pid)
+        ours.send(b"joined")
         msg = ours.recv(4096)
         if msg != b"ok":
             code, _, text = msg.decode(errors="replace").partition(":")
@@ -327,6 +333,7 @@ def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
                           text or "the namespace holder died")
         for ns in NATIVE_NAMESPACES:
             sb.ns_fds[ns] = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        ours.send(b"go")
         return sb
     except BaseException:
         theirs.close()
@@ -336,8 +343,21 @@ def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
 
 def destroy_sandbox(sb: Sandbox) -> None:
     """Release a sandbox: the holder (if still there), namespace fds, processes, cgroup."""
-    sb.close()
+    unused_init = 0
+    if sb.holder_sock is not None and sb.holder_pid:
+        # pid 1 never ran a process: learn its pid so we can reap it once it leaves
+        sb.holder_sock.settimeout(5)
+        try:
+            unused_init = _stub_pid(sb)
+        except OSError:
+            pass
+    sb.close()  # pid 1, still waiting for a process, sees the socket close and exits
     sb.reap_holder()
+    if unused_init:
+        try:
+            os.waitpid(unused_init, 0)
+        except ChildProcessError:
+            pass
     try:
         sb.cgroup.kill_all()
         sb.cgroup.remove()
@@ -347,19 +367,43 @@ def destroy_sandbox(sb: Sandbox) -> None:
 
 def _holder(sock: socket.socket, other: socket.socket, cg: Cgroup, spec: dict[str, Any],
             flags: int) -> None:
-    """The holder child: build the container, then fork its first process on request."""
+    """The holder child: build the container, fork its pid 1, and leave."""
     try:
         other.close()
         # nothing of the supervisor's (client sockets, pipes) may live on in the holder
         L.close_range_from(3, keep=(sock.fileno(),))
-        _join_cgroup(cg)
-        L.unshare(flags)
+        L.unshare(flags & ~(L.CLONE_NEWCGROUP | L.CLONE_NEWPID))
         if flags & L.CLONE_NEWUTS and spec.get("hostname"):
             socket.sethostname(spec["hostname"])
         if flags & L.CLONE_NEWNET:
             _bring_up_loopback()
         _setup_rootfs(spec)
+        if sock.recv(16) != b"joined":  # the supervisor moved us into the cgroup
+            os._exit(1)
+        # the cgroup namespace's root is the cgroup we are in when we make it
+        L.unshare(flags & (L.CLONE_NEWCGROUP | L.CLONE_NEWPID))
         sock.send(b"ok")
+        if sock.recv(16) != b"go":  # the supervisor holds our namespaces now
+            os._exit(1)
+        # pid 1 is forked now, while the caller goes on: it mounts /proc and then waits
+        # for the container's first process, which it becomes by exec.
+        pid = os.fork()
+        if pid == 0:
+            _init_stub(sock, spec)
+        sock.send(json.dumps({"pid": pid}).encode())
+        os._exit(0)  # pid 1 passes to the supervisor, our subreaper
+    except BaseException as e:
+        _child_fail(sock.fileno(), e)
+
+
+def _init_stub(sock: socket.socket, spec: dict[str, Any]) -> None:
+    """Pid 1 before the first process: /proc mounted, then exec on request."""
+    try:
+        L.prctl(L.PR_SET_DUMPABLE, 0)  # see _fork_exec: the host's binary, until exec
+        _reset_signals()
+        _mount_proc(spec)
+        with open("/proc/self/comm", "w") as f:  # what process_list shows until exec
+            f.write("pyhcs-init")
     except BaseException as e:
         _child_fail(sock.fileno(), e)
     try:
@@ -367,11 +411,9 @@ def _holder(sock: socket.socket, other: socket.socket, cg: Cgroup, spec: dict[st
         if not data:
             os._exit(0)  # the container stopped before it ran anything
         req = json.loads(data)
-        result = _fork_exec(spec, req["process"], (fds[0], fds[1], fds[2]),
-                            console=fds[3] if len(fds) > 3 else -1, init=True, join=None)
-        sock.send(json.dumps({"pid": result.pid, "errno": result.exec_errno,
-                              "error": result.exec_error}).encode())
-        os._exit(0)  # pid 1 passes to the supervisor, our subreaper
+        console = fds[3] if len(fds) > 3 else -1
+        _prepare_exec((fds[0], fds[1], fds[2]), console, sock.fileno())
+        _exec(req["process"], sock.fileno())  # the socket closes on exec: success
     except BaseException as e:
         _child_fail(sock.fileno(), e)
 
@@ -457,7 +499,20 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
         return _spawn_init(sb, process, stdio, console)
     join = (sb.cgroup.procs_files(),
             [(sb.ns_fds[n], _NS_FLAGS[n]) for n in NATIVE_NAMESPACES if n in sb.ns_fds])
-    return _fork_exec(sb.spec, process, stdio, console=console, init=False, join=join)
+    return _fork_exec(process, stdio, console=console, join=join)
+
+
+def _stub_pid(sb: Sandbox) -> int:
+    """The host pid of the container's pid 1 (the holder sends it after forking it)."""
+    if not sb.init_pid:
+        assert sb.holder_sock is not None
+        msg = sb.holder_sock.recv(4096)
+        if not msg.startswith(b"{"):
+            code, _, text = msg.decode(errors="replace").partition(":")
+            raise OSError(int(code) if code.isdigit() else errno.EIO,
+                          text or "the namespace holder died")
+        sb.init_pid = int(json.loads(msg)["pid"])
+    return sb.init_pid
 
 
 def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int],
@@ -466,18 +521,12 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
     assert sock is not None
     fds = [*stdio, console] if console >= 0 else list(stdio)
     try:
+        pid = _stub_pid(sb)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
-        msg = sock.recv(1 << 16)
+        msg = sock.recv(1 << 16)  # nothing: it exec'd (the socket was close-on-exec)
     finally:
-        # the holder exits now; once reaped (reap_holder), pid 1 is our child
         sock.close()
         sb.holder_sock = None
-    if not msg.startswith(b"{"):
-        code, _, text = msg.decode(errors="replace").partition(":")
-        raise OSError(int(code) if code.isdigit() else errno.EIO,
-                      text or "the namespace holder died")
-    reply = json.loads(msg)
-    pid = int(reply["pid"])
     try:
         # later processes are forked by us: into the container's pid namespace
         pidns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -487,12 +536,35 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
             os.close(pidns)
     except OSError:
         pass  # pid 1 is already gone: the container is stopping, nothing more will run
-    return SpawnResult(pid, int(reply["errno"]), reply["error"])
+    if msg:
+        code, _, text = msg.decode(errors="replace").partition(":")
+        return SpawnResult(pid, int(code) if code.isdigit() else errno.EIO, text)
+    return SpawnResult(pid)
 
 
-def _fork_exec(spec: dict[str, Any], process: dict[str, Any], stdio: tuple[int, int, int], *,
-               console: int, init: bool,
-               join: tuple[list[str], list[tuple[int, int]]] | None) -> SpawnResult:
+def _reset_signals() -> None:
+    for s in _RESET_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _prepare_exec(stdio: tuple[int, int, int], console: int, keep: int) -> None:
+    """stdio onto 0-2, then every other fd closed but *keep*: nothing of the host survives
+    exec. A new session; with a console, the pty becomes the controlling terminal."""
+    for i, fd in enumerate(stdio):
+        if fd == i:
+            os.set_inheritable(fd, True)
+        elif fd >= 0:
+            os.dup2(fd, i)
+    L.close_range_from(3, keep=(keep,))
+    os.setsid()
+    if console >= 0:
+        fcntl.ioctl(0, 0x540E, 0)  # TIOCSCTTY
+
+
+def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console: int,
+               join: tuple[list[str], list[tuple[int, int]]]) -> SpawnResult:
+    """Fork a process that joins the container (cgroup, then namespaces) and execs."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
@@ -506,29 +578,15 @@ def _fork_exec(spec: dict[str, Any], process: dict[str, Any], stdio: tuple[int, 
             # namespace: non-dumpable, its /proc/<pid>/exe is closed to container processes
             # (they lack CAP_SYS_PTRACE). exec makes the container's program dumpable again.
             L.prctl(L.PR_SET_DUMPABLE, 0)
-            for s in _RESET_SIGNALS:
-                signal.signal(s, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            if join is not None:
-                cg_files, ns_fds = join
-                for f in cg_files:
-                    fd = os.open(f, os.O_WRONLY)
-                    os.write(fd, b"0")
-                    os.close(fd)
-                for fd, flag in ns_fds:
-                    L.setns(fd, flag)
-            if init:
-                _mount_proc(spec)
-            # stdio first, then close every other fd: nothing of the host survives exec
-            for i, fd in enumerate(stdio):
-                if fd == i:
-                    os.set_inheritable(fd, True)
-                elif fd >= 0:
-                    os.dup2(fd, i)
-            L.close_range_from(3, keep=(err_w,))
-            os.setsid()
-            if console >= 0:
-                fcntl.ioctl(0, 0x540E, 0)  # TIOCSCTTY: the pty becomes our terminal
+            _reset_signals()
+            cg_files, ns_fds = join
+            for f in cg_files:
+                fd = os.open(f, os.O_WRONLY)
+                os.write(fd, b"0")
+                os.close(fd)
+            for fd, flag in ns_fds:
+                L.setns(fd, flag)
+            _prepare_exec(stdio, console, err_w)
             _exec(process, err_w)
         except BaseException as e:
             _child_fail(err_w, e)

@@ -112,6 +112,22 @@ def _supervisor_alive(row: sqlite3.Row) -> bool:
     return bool(pid) and process_start_time(pid) == row["supervisor_start"]
 
 
+def _fold_final_status(reg: Registry, container_id: str, status: dict[str, Any]) -> None:
+    """Write a supervisor's final record (exit codes) into the registry; idempotent."""
+    with reg.transaction() as c:
+        c.execute(
+            "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=?, "
+            "supervisor_pid=NULL WHERE id=? AND state IN ('running','paused')",
+            (status.get("exit_code"), status.get("exit_type", ""), status.get("finished"),
+             container_id))
+        for p in status.get("processes", []):
+            c.execute(
+                "INSERT OR REPLACE INTO processes(container_id, pid, inner_pid, config, "
+                "exit_code, created, finished) VALUES (?,?,?,?,?,?,?)",
+                (container_id, p["pid"], p["inner_pid"], json.dumps(p["config"]),
+                 p["exit_code"], p["created"], p["finished"]))
+
+
 def _recover(reg: Registry, roots: Roots, container_id: str) -> None:
     """Bring the registry up to date with a running container's supervisor.
 
@@ -124,18 +140,7 @@ def _recover(reg: Registry, roots: Roots, container_id: str) -> None:
         return
     status = read_status(roots.container_run_dir(container_id))
     if status is not None and status.get("state") == "stopped":
-        with reg.transaction() as c:
-            c.execute(
-                "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=?, "
-                "supervisor_pid=NULL WHERE id=? AND state IN ('running','paused')",
-                (status.get("exit_code"), status.get("exit_type", ""), status.get("finished"),
-                 container_id))
-            for p in status.get("processes", []):
-                c.execute(
-                    "INSERT OR REPLACE INTO processes(container_id, pid, inner_pid, config, "
-                    "exit_code, created, finished) VALUES (?,?,?,?,?,?,?)",
-                    (container_id, p["pid"], p["inner_pid"], json.dumps(p["config"]),
-                     p["exit_code"], p["created"], p["finished"]))
+        _fold_final_status(reg, container_id, status)
         return
     if _supervisor_alive(row):
         if status is not None and status.get("state") in ("running", "paused") and (
@@ -176,6 +181,7 @@ class Container:
         self._roots = roots
         self._closed = False
         self._sock = str(roots.container_run_dir(container_id) / SUPERVISOR_SOCKET)
+        self._image_cfg: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<pyhcs.Container {self._id}>"
@@ -204,6 +210,17 @@ class Container:
         if row is None:
             raise ContainerError(self._id, op, ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
         return row
+
+    def _image_config(self, op: str) -> dict[str, Any]:
+        """The image's config (Env, WorkingDir, User) kept with the container; read once."""
+        if self._image_cfg is None:
+            row = _registry(self._roots).query_one(
+                "SELECT config FROM containers WHERE id=?", (self._id,))
+            if row is None:
+                raise ContainerError(self._id, op, ERR_COMPUTE_SYSTEM_DOES_NOT_EXIST)
+            cfg = json.loads(row["config"]).get("_pyhcs_image", {})
+            self._image_cfg = cfg if isinstance(cfg, dict) else {}
+        return self._image_cfg
 
     def _call(self, op: str, request: dict[str, Any], timeout: float | None = None
               ) -> tuple[dict[str, Any], list[int]]:
@@ -294,7 +311,10 @@ class Container:
                 continue
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                P.call(self._sock, {"op": "wait"}, None if left is None else max(left, 1e-3))
+                reply, _ = P.call(self._sock, {"op": "wait"},
+                                  None if left is None else max(left, 1e-3))
+                if "status" in reply:
+                    _fold_final_status(_registry(self._roots), self._id, reply["status"])
                 return
             except TimeoutError:
                 raise ContainerTimeoutError(self._id, "Wait", ERR_TIMEOUT) from None
@@ -395,8 +415,7 @@ class Container:
         :attr:`Process.exec_error` says why.
         """
         self._check("CreateProcess")
-        row = self._row("CreateProcess")
-        image_cfg = json.loads(row["config"]).get("_pyhcs_image", {})
+        image_cfg = self._image_config("CreateProcess")
         env = dict(e.split("=", 1) for e in image_cfg.get("Env", []) if "=" in e)
         proc = process_spec(config, default_env=env,
                             default_cwd=image_cfg.get("WorkingDir") or "/")

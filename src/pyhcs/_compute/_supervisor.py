@@ -31,6 +31,7 @@ from typing import Any
 from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
 from .._paths import Roots
+from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
 from . import _protocol as P
 
@@ -176,8 +177,8 @@ class Supervisor:
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
 
-    def _write_status(self, state: str, **extra: Any) -> None:
-        status = {
+    def _status(self, state: str, **extra: Any) -> dict[str, Any]:
+        return {
             "state": state, "pid": os.getpid(), "start": process_start_time(os.getpid()),
             "started": self.started, "exit_type": self.exit_type,
             "processes": [
@@ -187,6 +188,8 @@ class Supervisor:
             ],
             **extra,
         }
+
+    def _write_status(self, status: dict[str, Any]) -> None:
         tmp = self.run_dir / f".{STATUS_FILE}.tmp"
         tmp.write_text(json.dumps(status))
         os.rename(tmp, self.run_dir / STATUS_FILE)
@@ -211,26 +214,30 @@ class Supervisor:
         return any(p.exit_code is None for p in self.procs.values())
 
     def _finish(self) -> None:
-        """Record the container's end, release its kernel state, answer waiters."""
+        """Record the container's end, answer waiters, release its kernel state."""
         init = self.procs.get(self.init_pid)
         code = init.exit_code if init and init.exit_code is not None else 0
         sb = self.sandbox
-        if sb is not None:
+        if not self.exit_type:
             oom = False
-            try:
-                oom = sb.cgroup.oom_killed()
-            except OSError:
-                pass
-            if not self.exit_type:
-                self.exit_type = "OOMKilled" if oom and code == 137 else "Exited"
+            if sb is not None:
+                try:
+                    oom = sb.cgroup.oom_killed()
+                except OSError:
+                    pass
+            self.exit_type = "OOMKilled" if oom and code == 137 else "Exited"
+        status = self._status("stopped", exit_code=code, finished=time.time())
+        # Every process is gone, so the waiters learn the end first; they get the final
+        # record itself and fold it into the registry. The teardown (cgroup, namespaces)
+        # and the status file follow; the file still comes before the socket goes, so a
+        # client that finds no socket finds the record.
+        for w in self.container_waiters:
+            self._reply(w, {"exit_code": code, "exit_type": self.exit_type, "status": status})
+        self.container_waiters.clear()
+        if sb is not None:
             destroy_sandbox(sb)
             self.sandbox = None
-        code = init.exit_code if init and init.exit_code is not None else 0
-        # the record comes before the socket goes: a client that finds no socket finds this
-        self._write_status("stopped", exit_code=code, finished=time.time())
-        for w in self.container_waiters:
-            self._reply(w, {"exit_code": code, "exit_type": self.exit_type})
-        self.container_waiters.clear()
+        self._write_status(status)
         if self.listener is not None:
             try:
                 os.unlink(self.run_dir / SUPERVISOR_SOCKET)
@@ -436,14 +443,14 @@ class Supervisor:
         assert self.sandbox is not None
         self.sandbox.cgroup.freeze()
         self.paused = True
-        self._write_status("paused")
+        self._write_status(self._status("paused"))
         self._reply(conn, {})
 
     def _op_resume(self, conn: socket.socket, req: dict[str, Any]) -> None:
         assert self.sandbox is not None
         self.sandbox.cgroup.thaw()
         self.paused = False
-        self._write_status("running")
+        self._write_status(self._status("running"))
         self._reply(conn, {})
 
     # -- exits -------------------------------------------------------------------------------
@@ -476,7 +483,7 @@ class Supervisor:
         else:
             # an exec'd process: its pipes are the clients' now; record its exit
             p.close_fds()
-            self._write_status("paused" if self.paused else "running")
+            self._write_status(self._status("paused" if self.paused else "running"))
 
 
 def _resize(fd: int, width: int, height: int) -> None:
@@ -529,6 +536,7 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
     """
     run_dir = roots.container_run_dir(container_id)
     reap_supervisors()
+    cgroup_manager()  # choose the backend here, once, not in every forked supervisor
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:

@@ -75,7 +75,7 @@ def test_mount_target_through_symlink_stays_inside(make_container: Make,
 def test_proc_masked_and_sys_read_only(make_container: Make) -> None:
     c = make_container()
     c.start()
-    code, out, err = run(c, "sh -c 'cat /proc/kcore | wc -c; touch /sys/x; echo 1 > "
+    _, out, err = run(c, "sh -c 'cat /proc/kcore | wc -c; touch /sys/x; echo 1 > "
                             "/proc/sys/kernel/domainname; cat /proc/self/status'")
     assert out.split()[0] == b"0"  # /dev/null over kcore
     assert b"Read-only file system" in err

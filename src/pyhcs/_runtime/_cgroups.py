@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Cgroup", "CgroupManager", "Resources", "CgroupStats", "manager", "V1Manager",
-           "V2Manager"]
+__all__ = ["Cgroup", "CgroupManager", "Resources", "CgroupStats", "manager", "remove_parent",
+           "V1Manager", "V2Manager"]
 
 _CGROUP2_SUPER_MAGIC = 0x63677270
 
@@ -449,7 +449,7 @@ def manager(root: str = "/sys/fs/cgroup") -> CgroupManager:
     """The cgroup backend of this machine, chosen on first use and kept."""
     global _manager
     if _manager is None:
-        if os.statvfs(root) and _fs_magic(root) == _CGROUP2_SUPER_MAGIC:
+        if _fs_magic(root) == _CGROUP2_SUPER_MAGIC:
             _manager = V2Manager(root)
         else:
             with open("/proc/self/mountinfo") as f:
@@ -480,11 +480,3 @@ def remove_parent() -> None:
             os.rmdir(d)
         except FileNotFoundError:
             pass
-
-
-def reset_manager_for_tests(m: CgroupManager | None) -> None:
-    """Replace the chosen backend (tests of the other backend use this)."""
-    global _manager
-    _manager = m
-
-

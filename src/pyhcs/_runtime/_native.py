@@ -153,8 +153,9 @@ _FLAG_OPTS = {
     "strictatime": L.MS_STRICTATIME, "relatime": L.MS_RELATIME, "bind": L.MS_BIND,
     "rbind": L.MS_BIND | L.MS_REC,
 }
-_CLEAR_OPTS = {"rw", "suid", "dev", "exec", "rprivate", "private", "rslave", "slave",
-               "newinstance_only_marker"}
+# options that only clear a flag (the default) or set propagation, which the rootfs's
+# rslave already decides; none of them is mount data
+_CLEAR_OPTS = {"rw", "suid", "dev", "exec", "rprivate", "private", "rslave", "slave"}
 
 
 def _parse_options(options: list[str]) -> tuple[int, str]:

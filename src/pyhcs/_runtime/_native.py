@@ -295,7 +295,10 @@ def _move_to_cgroup(cg: Cgroup, pid: int) -> None:
 
 def _child_fail(fd: int, e: BaseException) -> None:
     code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
-    msg = f"{code}:{e}".encode(errors="replace")[:4000]
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror + (f": {os.fsdecode(e.filename)}" if e.filename else "")
+    msg = f"{code}:{text}".encode(errors="replace")[:4000]
     try:
         os.write(fd, msg)
     finally:
@@ -617,7 +620,10 @@ def _exec(process: dict[str, Any], err_w: int) -> None:
             if not 0 <= v < _MAX_ID:
                 raise OSError(errno.EINVAL, f"id {v} is out of range")
     cwd = process.get("cwd", "/")
-    os.chdir(cwd)
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        raise OSError(e.errno, f"working directory {cwd}: {e.strerror}") from None
     os.umask(0o022)
     caps = process.get("capabilities", {}).get("bounding", [])
     keep = frozenset(CAPABILITY_NUMBERS[c] for c in caps if c in CAPABILITY_NUMBERS)
@@ -635,5 +641,11 @@ def _exec(process: dict[str, Any], err_w: int) -> None:
     exe = process.get("pyhcsExecutable") or args[0]
     if "HOME" not in env:
         env["HOME"] = "/root" if uid == 0 else "/"
-    os.execvpe(exe, args, env)
+    try:
+        os.execvpe(exe, args, env)
+    except FileNotFoundError:
+        where = "in $PATH" if "/" not in exe else ""
+        raise OSError(errno.ENOENT, f"executable file not found {where}".strip()) from None
+    except PermissionError:
+        raise OSError(errno.EACCES, "permission denied (not executable)") from None
     del err_w

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -214,5 +215,30 @@ def test_statistics_and_process_list(make_container: Make) -> None:
     items = c.process_list()
     assert [i.process_id for i in items] == [1]
     assert items[0].image_name == "sleep"
+    p.kill()
+    c.wait(10)
+
+
+def test_pause_stops_processes_and_resume_restarts_them(make_container: Make,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path
+    c = make_container(mapped_directories=[
+        pyhcs.MappedDir(host_path=str(out), container_path="/out")])
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(
+        command_line="sh -c 'while true; do echo x >> /out/ticks; sleep 0.02; done'"))
+    deadline = time.monotonic() + 10
+    while not (out / "ticks").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c.pause()
+    assert pyhcs.container_state(c.id)["state"] == "paused"
+    time.sleep(0.1)  # anything in flight lands
+    frozen = (out / "ticks").stat().st_size
+    time.sleep(0.4)
+    assert (out / "ticks").stat().st_size == frozen  # nothing ran while paused
+    c.resume()
+    assert pyhcs.container_state(c.id)["state"] == "running"
+    time.sleep(0.4)
+    assert (out / "ticks").stat().st_size > frozen
     p.kill()
     c.wait(10)

@@ -56,14 +56,19 @@ def test_mapped_directory_writable(make_container: Make, tmp_path: Path) -> None
     assert (tmp_path / "out").read_text() == "from-container\n"
 
 
-def test_mount_target_through_symlink_stays_inside(make_container: Make,
-                                                   tmp_path: Path) -> None:
-    """/escape -> / on the host side would put the mount on the host; it must land inside."""
-    host_victim = tmp_path / "victim"
-    host_victim.mkdir()
+def _victim_and_source(tmp_path: Path) -> tuple[Path, Path]:
+    """A host directory that must stay empty, and a source directory holding `marker`."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
     src = tmp_path / "src"
     src.mkdir()
     (src / "marker").write_text("m")
+    return victim, src
+
+
+def test_mount_target_with_dotdot_stays_inside(make_container: Make, tmp_path: Path) -> None:
+    """`..` in a mount target cannot climb out of the rootfs onto a host path."""
+    host_victim, src = _victim_and_source(tmp_path)
     c = make_container(mapped_directories=[
         pyhcs.MappedDir(host_path=str(src), container_path=f"/tmp/../../{host_victim}/x")])
     c.start()
@@ -107,11 +112,7 @@ def test_mount_target_through_absolute_symlink_stays_inside(make_container: Make
     linkdir = tmp_path / "links"
     linkdir.mkdir()
     (linkdir / "esc").symlink_to("/")
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "marker").write_text("m")
+    victim, src = _victim_and_source(tmp_path)
     c = make_container(mapped_directories=[
         pyhcs.MappedDir(host_path=str(linkdir), container_path="/mnt/links"),
         pyhcs.MappedDir(host_path=str(src), container_path=f"/mnt/links/esc{victim}/x"),

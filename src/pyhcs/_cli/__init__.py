@@ -15,8 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import IO, Any, TypeVar
+from typing import IO
 
 import click
 
@@ -36,7 +35,6 @@ from .._schema import ContainerConfig, Layer, ProcessConfig
 
 __all__ = ["main", "cli"]
 
-F = TypeVar("F", bound=Callable[..., Any])
 EXIT_PYHCS_ERROR = 125
 
 

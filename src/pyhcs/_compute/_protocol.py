@@ -80,8 +80,6 @@ def call(sock_path: str, request: dict[str, Any], timeout: float | None = None,
         try:
             send(sock, request, fds)
             reply, rfds = recv(sock)
-        except TimeoutError:
-            raise
         except (ConnectionResetError, BrokenPipeError) as e:
             # the supervisor closed its socket between our connect and its accept
             raise SupervisorGone(str(e)) from e

@@ -397,7 +397,7 @@ class Supervisor:
         self._reply(conn, {})
 
     def _op_wait(self, conn: socket.socket, req: dict[str, Any]) -> None:
-        if req.get("pid") is None and req.get("container", True):
+        if req.get("pid") is None:  # the container's end
             self.container_waiters.append(conn)
             return
         p = self._find(req)
@@ -405,14 +405,6 @@ class Supervisor:
             self._reply(conn, {"exit_code": p.exit_code})
         else:
             p.waiters.append(conn)
-
-    def _op_state(self, conn: socket.socket, req: dict[str, Any]) -> None:
-        procs = [{"pid": p.inner_pid, "host_pid": p.pid, "exit_code": p.exit_code,
-                  "exec_error": p.exec_error, "config": p.config}
-                 for p in self.procs.values()]
-        init = self.procs.get(self.init_pid)
-        self._reply(conn, {"state": "stopping" if self.stopping else "running",
-                           "init": init.inner_pid if init else 0, "processes": procs})
 
     def _op_process(self, conn: socket.socket, req: dict[str, Any]) -> None:
         p = self._find(req)

@@ -47,7 +47,6 @@ class Sandbox:
     exists, the holder that will fork it."""
 
     container_id: str
-    spec: dict[str, Any]
     cgroup: Cgroup
     ns_fds: dict[str, int] = field(default_factory=dict)
     holder_pid: int = 0
@@ -317,7 +316,7 @@ def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
     for ns in spec["linux"]["namespaces"]:
         flags |= _NS_FLAGS[{"network": "net", "mount": "mnt"}.get(ns["type"], ns["type"])]
     cg = manager().create(container_id, _resources(spec))
-    sb = Sandbox(container_id, spec, cg)
+    sb = Sandbox(container_id, cg)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()

@@ -2,20 +2,28 @@
 
 The native executor and installed OCI runtimes (crun, runc) execute the same document, so
 what a container gets is decided here, once: namespaces, mounts, resources and the security
-defaults containerd applies (capabilities, masked and read-only paths, no_new_privs).
+defaults containerd applies (capabilities, masked and read-only paths, no_new_privs, the
+default seccomp profile), plus an optional user namespace.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import InvalidConfigError, NotSupportedError
 from .._schema import ContainerConfig, ProcessConfig
+from ._seccomp import compile_seccomp, default_profile
 
 __all__ = ["DEFAULT_CAPABILITIES", "DEFAULT_PATH", "container_spec", "process_spec",
-           "MASKED_PATHS", "READONLY_PATHS"]
+           "MASKED_PATHS", "READONLY_PATHS", "MAX_ID", "IdMapping", "UserNamespace",
+           "check_id", "parse_user"]
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -35,13 +43,18 @@ CAPABILITY_NUMBERS = {
     "CAP_SYS_PACCT": 20, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22, "CAP_SYS_NICE": 23,
     "CAP_SYS_RESOURCE": 24, "CAP_SYS_TIME": 25, "CAP_SYS_TTY_CONFIG": 26, "CAP_MKNOD": 27,
     "CAP_LEASE": 28, "CAP_AUDIT_WRITE": 29, "CAP_AUDIT_CONTROL": 30, "CAP_SETFCAP": 31,
+    "CAP_MAC_OVERRIDE": 32, "CAP_MAC_ADMIN": 33, "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35,
+    "CAP_BLOCK_SUSPEND": 36, "CAP_AUDIT_READ": 37, "CAP_PERFMON": 38, "CAP_BPF": 39,
+    "CAP_CHECKPOINT_RESTORE": 40,
 }
 
-# containerd's masked and read-only paths.
+# containerd's masked paths, plus /proc/interrupts as moby masks it now (per-CPU interrupt
+# counts let a container watch the host's activity). _masked_paths() adds the per-CPU
+# thermal_throttle directories of this host, a power side channel, as moby does.
 MASKED_PATHS = [
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-    "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+    "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+    "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
 ]
 READONLY_PATHS = [
     "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
@@ -83,7 +96,15 @@ def _mounts(config: ContainerConfig) -> list[dict[str, Any]]:
     return mounts
 
 
-def _resources(config: ContainerConfig) -> dict[str, Any]:
+def _resources(config: ContainerConfig,
+               block_device: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The OCI ``linux.resources`` of *config*.
+
+    *block_device* (major, minor) is the device that holds the container's sandbox: the
+    storage IOPS and bandwidth maxima throttle it, each for reads and for writes separately
+    (Linux has no combined read+write throttle). Without it those fields raise
+    NotSupportedError rather than go unenforced.
+    """
     res: dict[str, Any] = {}
     if config.memory_maximum_in_mb < 0:
         raise InvalidConfigError("CreateContainer", message="MemoryMaximumInMB is negative")
@@ -93,11 +114,14 @@ def _resources(config: ContainerConfig) -> dict[str, Any]:
     cpu: dict[str, Any] = {}
     ncpu = os.cpu_count() or 1
     if config.processor_count:
-        if config.processor_count > ncpu:
+        # the processors this process may run on: offline or fenced-off ones cannot be given
+        usable = sorted(os.sched_getaffinity(0))
+        if config.processor_count > len(usable):
             raise InvalidConfigError(
                 "CreateContainer",
-                message=f"ProcessorCount {config.processor_count} exceeds the {ncpu} processors")
-        cpu["cpus"] = f"0-{config.processor_count - 1}"
+                message=f"ProcessorCount {config.processor_count} exceeds the "
+                        f"{len(usable)} usable processors")
+        cpu["cpus"] = ",".join(str(c) for c in usable[:config.processor_count])
     if config.processor_weight:
         if config.processor_weight > 10000:
             raise InvalidConfigError("CreateContainer", message="ProcessorWeight is 0..10000")
@@ -110,14 +134,39 @@ def _resources(config: ContainerConfig) -> dict[str, Any]:
         cpu["quota"] = ncpu * 100_000 * config.processor_maximum // 100
     if cpu:
         res["cpu"] = cpu
+    throttle: dict[str, list[dict[str, int]]] = {}
+    for name, value, keys in (
+            ("StorageIOPSMaximum", config.storage_iops_maximum,
+             ("throttleReadIOPSDevice", "throttleWriteIOPSDevice")),
+            ("StorageBandwidthMaximum", config.storage_bandwidth_maximum,
+             ("throttleReadBpsDevice", "throttleWriteBpsDevice"))):
+        if not value:
+            continue
+        if block_device is None:
+            raise NotSupportedError(
+                "CreateContainer",
+                message=f"{name}: the sandbox is on no block device that can be throttled")
+        for key in keys:
+            throttle[key] = [{"major": block_device[0], "minor": block_device[1],
+                              "rate": value}]
+    if throttle:
+        res["blockIO"] = throttle
     return res
 
 
-def container_spec(container_id: str, config: ContainerConfig, rootfs: str) -> dict[str, Any]:
+def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
+                   seccomp: bool | Mapping[str, Any] = True,
+                   userns: UserNamespace | None = None) -> dict[str, Any]:
     """The OCI runtime spec of a container, without its process (see :func:`process_spec`).
 
     Fields pyhcs cannot honour yet raise :class:`NotSupportedError` naming the field, so a
     limit is never silently dropped.
+
+    *seccomp* is the container's syscall filter (``linux.seccomp``): ``True`` (the default)
+    applies containerd's default profile for the default capability set, ``False`` applies
+    none, and a mapping is used as the OCI profile itself. hcsshim's ContainerConfig has no
+    such field, so this is an argument of pyhcs's own. *userns* puts the container in a new
+    user namespace with the given id mappings.
     """
     if config.hv_partition or config.hv_runtime is not None:
         raise NotSupportedError(
@@ -141,11 +190,13 @@ def container_spec(container_id: str, config: ContainerConfig, rootfs: str) -> d
         "mounts": _mounts(config),
         "linux": {
             "namespaces": [{"type": t} for t in
-                           ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+                           ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+                          + ([{"type": "user"}] if userns is not None else []),
             "resources": _resources(config),
-            "maskedPaths": list(MASKED_PATHS),
+            "maskedPaths": _masked_paths(),
             "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "rslave",
+            **_security(seccomp, userns),
         },
         "annotations": {"io.pyhcs.owner": config.owner, "io.pyhcs.name": config.name},
     }
@@ -195,5 +246,147 @@ def process_spec(pc: ProcessConfig, *, default_env: dict[str, str] | None = None
     if pc.emulate_console and any(pc.console_size):
         spec["consoleSize"] = {"height": pc.console_size[0], "width": pc.console_size[1]}
     if pc.user:
+        parse_user(pc.user)  # numeric ids are checked now; names resolve against the image
         spec["pyhcsUser"] = pc.user  # resolved against the image's /etc/passwd at spawn
     return spec
+
+
+# -- security: masked paths, seccomp, user namespaces ---------------------------------------
+
+_THERMAL_THROTTLE = "/sys/devices/system/cpu/cpu[0-9]*/thermal_throttle"
+
+
+def _masked_paths() -> list[str]:
+    return list(MASKED_PATHS) + sorted(glob.glob(_THERMAL_THROTTLE))
+
+
+def _security(seccomp: bool | Mapping[str, Any],
+              userns: UserNamespace | None) -> dict[str, Any]:
+    """The ``linux.seccomp`` and ``linux.uidMappings/gidMappings`` entries of a spec."""
+    out: dict[str, Any] = {}
+    if seccomp is True:
+        out["seccomp"] = default_profile(DEFAULT_CAPABILITIES)
+    elif isinstance(seccomp, Mapping):
+        try:
+            profile = json.loads(json.dumps(seccomp))  # a detached, JSON-clean copy
+        except (TypeError, ValueError) as e:
+            raise InvalidConfigError("CreateContainer",
+                                     message=f"linux.seccomp is not JSON: {e}") from e
+        compile_seccomp(profile)  # a malformed profile fails here, not when it starts
+        out["seccomp"] = profile
+    elif seccomp is not False:
+        raise InvalidConfigError("CreateContainer",
+                                 message="seccomp is True, False or an OCI profile")
+    if userns is not None:
+        out["uidMappings"] = [m.to_oci() for m in userns.uid_map]
+        out["gidMappings"] = [m.to_oci() for m in userns.gid_map]
+    return out
+
+
+#: The largest uid or gid a process may be given. Like runc, ids at or past 2**31 are
+#: refused rather than wrapped: 2**32 - 1 is (uid_t)-1, "no change", to the kernel, and
+#: larger values would silently wrap to small ones (2**32 is root).
+MAX_ID = (1 << 31) - 1
+_ID_LIMIT = (1 << 32) - 2  # the largest id a user namespace mapping may cover
+_MAX_EXTENTS = 340  # lines the kernel accepts in uid_map / gid_map
+_NUMERIC = re.compile(r"[0-9]+")
+_NAME = re.compile(r"[^\s:/,\-\x00-\x1f\x7f][^\s:/,\x00-\x1f\x7f]{0,255}")
+
+
+def check_id(value: object, what: str = "uid", operation: str = "CreateProcess") -> int:
+    """*value* as a uid/gid, or :class:`InvalidConfigError` unless it is an int in
+    0..:data:`MAX_ID` (never wrapped or truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise InvalidConfigError(operation, message=f"{what} {value!r} is not 0..{MAX_ID}")
+    return value
+
+
+def _user_part(text: str, what: str, operation: str) -> int | str:
+    if _NUMERIC.fullmatch(text):
+        if len(text) > 10:  # also keeps int() away from absurdly long digit strings
+            raise InvalidConfigError(operation, message=f"{what} {text} is not 0..{MAX_ID}")
+        return check_id(int(text), what, operation)
+    if not _NAME.fullmatch(text):
+        raise InvalidConfigError(operation, message=f"{what} name {text!r} is invalid")
+    return text
+
+
+def parse_user(user: str, operation: str = "CreateProcess") -> tuple[int | str, int | str | None]:
+    """Split ProcessConfig.User (``user``, ``uid``, ``user:group``, ``uid:gid`` ...) into
+    (uid or user name, gid or group name or None).
+
+    Numeric ids are checked here (:func:`check_id`): 2**31 and 2**32 are refused with
+    :class:`InvalidConfigError`, never wrapped. Names are only checked for form; they are
+    resolved later against the image's /etc/passwd and /etc/group.
+    """
+    name, sep, group = user.partition(":")
+    uid = _user_part(name, "uid", operation)
+    if not sep:
+        return uid, None
+    return uid, _user_part(group, "gid", operation)
+
+
+@dataclass(frozen=True)
+class IdMapping:
+    """``size`` consecutive ids from ``container_id`` inside the container map to ``host_id``
+    onward on the host (one line of /proc/<pid>/uid_map)."""
+
+    container_id: int
+    host_id: int
+    size: int
+
+    def to_oci(self) -> dict[str, int]:
+        """The OCI ``linux.uidMappings`` / ``gidMappings`` entry."""
+        return {"containerID": self.container_id, "hostID": self.host_id, "size": self.size}
+
+
+def _mappings(kind: str, maps: Sequence[object]) -> tuple[IdMapping, ...]:
+    def bad(message: str) -> InvalidConfigError:
+        return InvalidConfigError("CreateContainer", message=f"user namespace {kind}: {message}")
+
+    if not isinstance(maps, tuple | list):
+        raise bad(f"{maps!r} is not a sequence of mappings")
+    out: list[IdMapping] = []
+    for item in maps:
+        if isinstance(item, IdMapping):
+            m = item
+        elif isinstance(item, tuple | list) and len(item) == 3:
+            m = IdMapping(*item)
+        else:
+            raise bad(f"{item!r} is not (container_id, host_id, size)")
+        for v in (m.container_id, m.host_id, m.size):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(f"{m} holds a value that is not an integer")
+        if m.size < 1:
+            raise bad(f"{m} is empty")
+        for start in (m.container_id, m.host_id):
+            # the whole range within 0..2**32-2: no wrap past (uid_t)-1
+            if not 0 <= start <= _ID_LIMIT or start + m.size - 1 > _ID_LIMIT:
+                raise bad(f"{m} leaves the ids 0..{_ID_LIMIT}")
+        for prev in out:
+            for a, b in ((m.container_id, prev.container_id), (m.host_id, prev.host_id)):
+                if a < b + prev.size and b < a + m.size:
+                    raise bad(f"{m} overlaps {prev}")
+        out.append(m)
+    if not out:
+        raise bad("no mapping given")
+    if len(out) > _MAX_EXTENTS:
+        raise bad(f"more than {_MAX_EXTENTS} mappings")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """Run the container in a new user namespace with these uid and gid mappings.
+
+    Each map is a tuple of :class:`IdMapping` (``(container_id, host_id, size)`` tuples
+    are converted). Ranges must be non-empty, lie within 0..2**32-2 on both sides, and not
+    overlap one another on either side; otherwise :class:`InvalidConfigError`.
+    """
+
+    uid_map: tuple[IdMapping, ...] = field(default=())
+    gid_map: tuple[IdMapping, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uid_map", _mappings("uid_map", self.uid_map))
+        object.__setattr__(self, "gid_map", _mappings("gid_map", self.gid_map))

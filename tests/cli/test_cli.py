@@ -42,7 +42,9 @@ def test_run_memory_limit(image: str, roots: Roots) -> None:
 
 
 def test_detached_ps_inspect_rm(image: str, roots: Roots) -> None:
-    r = pyhcs("run", "-d", "--name", "sleeper", image, "sh", "-c", "sleep 0.3; exit 5")
+    # it runs until the test lets it go, however slowly the commands start
+    script = "while [ ! -e /tmp/go ]; do sleep 0.02; done; exit 5"
+    r = pyhcs("run", "-d", "--name", "sleeper", image, "sh", "-c", script)
     assert r.returncode == 0, r.stderr
     cid = r.stdout.strip()
     assert len(cid) == 64
@@ -50,7 +52,9 @@ def test_detached_ps_inspect_rm(image: str, roots: Roots) -> None:
     assert [c["id"] for c in listed] == [cid]
     import pyhcs as api
 
-    api.open_container(cid).wait(10)
+    c = api.open_container(cid)
+    c.create_process(api.ProcessConfig(command_line="touch /tmp/go")).wait(10)
+    c.wait(10)
     doc = json.loads(pyhcs("inspect", "sleeper").stdout)
     assert doc["state"] == "stopped" and doc["exit_code"] == 5
     assert pyhcs("rm", cid[:12]).returncode == 0

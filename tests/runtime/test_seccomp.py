@@ -323,8 +323,11 @@ def test_compiled_programs_are_cached_on_disk(tmp_path: Path) -> None:
     (path,) = cache.iterdir()
     assert path.read_bytes() == bpf == compile_seccomp(DEFAULT)
     assert path.stat().st_mode & 0o777 == 0o600
-    path.write_bytes(b"\0" * 8)  # whatever the file holds is what the next caller gets
+    path.write_bytes(b"\0" * 8)
+    assert compile_seccomp(DEFAULT, cache_dir=cache) == bpf  # this process remembers it
+    _seccomp._memory.clear()  # as a new process: whatever the file holds is what it gets
     assert compile_seccomp(DEFAULT, cache_dir=cache) == b"\0" * 8
+    _seccomp._memory.clear()
     path.write_bytes(b"torn")  # not a whole program: rebuilt and rewritten
     assert compile_seccomp(DEFAULT, cache_dir=cache) == bpf == path.read_bytes()
     other = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}

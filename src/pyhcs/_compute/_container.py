@@ -63,6 +63,7 @@ from ._supervisor import (
     process_start_time,
     read_status,
     reap_supervisors,
+    wait_supervisor_exit,
 )
 
 __all__ = [
@@ -116,8 +117,8 @@ def _fold_final_status(reg: Registry, container_id: str, status: dict[str, Any])
     """Write a supervisor's final record (exit codes) into the registry; idempotent."""
     with reg.transaction() as c:
         c.execute(
-            "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=?, "
-            "supervisor_pid=NULL WHERE id=? AND state IN ('running','paused')",
+            "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=? "
+            "WHERE id=? AND state IN ('running','paused')",
             (status.get("exit_code"), status.get("exit_type", ""), status.get("finished"),
              container_id))
         for p in status.get("processes", []):
@@ -262,9 +263,11 @@ class Container:
             raise ContainerError(self._id, "Start", ERR_VMCOMPUTE_OPERATION_INVALID_STATE)
         try:
             pid, started = launch(self._id, self._roots, spec)
-        except OSError as e:
+        except BaseException as e:
             reg.execute("UPDATE containers SET state='created' WHERE id=?", (self._id,))
-            raise ContainerError(self._id, "Start", None, message=str(e)) from e
+            if isinstance(e, OSError):
+                raise ContainerError(self._id, "Start", None, message=str(e)) from e
+            raise
         reg.execute(
             "UPDATE containers SET state='running', started=?, supervisor_pid=?, "
             "supervisor_start=? WHERE id=? AND state='starting'",
@@ -825,5 +828,8 @@ def remove_container(container_id: str, *, force: bool = False,
         except HcsError:
             pass  # not prepared (a crash between steps): destroying is what matters
         _layers.destroy_layer(info, row["sandbox_layer"])
+    # the supervisor writes its final record before it releases the cgroup: the name is
+    # free for a new container only once it has exited
+    wait_supervisor_exit(row["supervisor_pid"], row["supervisor_start"])
     reg.execute("DELETE FROM containers WHERE id=?", (container_id,))
     shutil.rmtree(roots.container_run_dir(container_id), ignore_errors=True)

@@ -14,10 +14,12 @@ next client to look finds the supervisor gone and runs recovery: exit code 255.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -33,9 +35,11 @@ from .._errors import WAIT_ERR_EXEC_FAILED
 from .._paths import Roots
 from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
+from .._runtime._seccomp import compile_seccomp
 from . import _protocol as P
 
 __all__ = ["launch", "process_start_time", "read_status", "reap_supervisors",
+           "wait_supervisor_exit",
            "SUPERVISOR_SOCKET", "STATUS_FILE"]
 
 SUPERVISOR_SOCKET = "sup.sock"
@@ -125,8 +129,10 @@ class _Proc:
 
 
 class Supervisor:
-    def __init__(self, container_id: str, roots: Roots, spec: dict[str, Any]) -> None:
+    def __init__(self, container_id: str, roots: Roots, spec: dict[str, Any],
+                 seccomp_bpf: bytes = b"") -> None:
         self.id = container_id
+        self.seccomp_bpf = seccomp_bpf
         self.roots = roots
         self.spec = spec
         self.run_dir = roots.container_run_dir(container_id)
@@ -145,15 +151,13 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        # pid 1 is born to the namespace holder; as a subreaper we inherit it when the
-        # holder exits, and so reap it ourselves.
-        L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
-        self.sandbox = create_sandbox(self.id, self.spec)
+        # the socket first: create_sandbox moves us into the container's namespaces
+        self._listen()
         try:
-            self._listen()
+            self.sandbox = create_sandbox(self.id, self.spec, seccomp_bpf=self.seccomp_bpf)
         except BaseException:
-            destroy_sandbox(self.sandbox)
-            self.sandbox = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.run_dir / SUPERVISOR_SOCKET)
             raise
         # no status file yet: the client records 'running' itself, and a missing file with
         # a live supervisor means just that
@@ -227,29 +231,34 @@ class Supervisor:
                     pass
             self.exit_type = "OOMKilled" if oom and code == 137 else "Exited"
         status = self._status("stopped", exit_code=code, finished=time.time())
-        # Every process is gone, so the waiters learn the end first; they get the final
-        # record itself and fold it into the registry. The teardown (cgroup, namespaces)
-        # and the status file follow; the file still comes before the socket goes, so a
-        # client that finds no socket finds the record.
+        # Every process is gone, so clients learn the end first: the waiters get the final
+        # record itself (they fold it into the registry), the record is written, and the
+        # socket goes, so a client that comes later finds no socket and reads the record
+        # instead of waiting out the teardown. The cgroup and namespaces are released last;
+        # remove_container waits for this process to exit.
         for w in self.container_waiters:
             self._reply(w, {"exit_code": code, "exit_type": self.exit_type, "status": status})
         self.container_waiters.clear()
+        self._write_status(status)
+        for key in list(self.sel.get_map().values()):
+            if key.data[0] == "conn":  # a request we will not serve: the client reads the record
+                self._drop(key.fileobj)  # type: ignore[arg-type]
+        if self.listener is not None:
+            self.sel.unregister(self.listener)
+            with contextlib.suppress(OSError):
+                os.unlink(self.run_dir / SUPERVISOR_SOCKET)
+            self.listener.close()
+            self.listener = None
         if sb is not None:
             destroy_sandbox(sb)
             self.sandbox = None
-        self._write_status(status)
-        if self.listener is not None:
-            try:
-                os.unlink(self.run_dir / SUPERVISOR_SOCKET)
-            except OSError:
-                pass
-            self.listener.close()
         self.done = True
 
     # -- connections -------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        assert self.listener is not None
+        if self.listener is None:
+            return  # closed by _finish in this same round of events
         try:
             conn, _ = self.listener.accept()
         except BlockingIOError:
@@ -428,7 +437,7 @@ class Supervisor:
         self.stopping = True
         if self.sandbox is not None:
             self.sandbox.cgroup.kill_all()
-            self.sandbox.close()  # a holder still waiting for pid 1 leaves too
+            self.sandbox.close()  # a pid 1 still waiting for its process leaves too
         self._reply(conn, {})
 
     def _op_pause(self, conn: socket.socket, req: dict[str, Any]) -> None:
@@ -449,13 +458,7 @@ class Supervisor:
 
     def _reap(self, pid: int) -> None:
         p = self.procs[pid]
-        try:
-            reaped, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            # pid 1 is still the holder's child until the holder has fully exited
-            if self.sandbox is None or not self.sandbox.reap_holder():
-                raise
-            reaped, status = os.waitpid(pid, os.WNOHANG)
+        reaped, status = os.waitpid(pid, os.WNOHANG)
         if reaped == 0:
             return  # not yet (a spurious wakeup)
         self.sel.unregister(p.pidfd)
@@ -519,6 +522,26 @@ def reap_supervisors() -> None:
             _children.discard(pid)
 
 
+def wait_supervisor_exit(pid: int, start: int | None, timeout: float = 10.0) -> bool:
+    """Wait until the supervisor *pid* (started at *start*, in clock ticks) has exited;
+    False if it is still running after *timeout* seconds."""
+    if not pid or process_start_time(pid) != start:
+        return True
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        # pid may have been reused between the check and the open: check again
+        if process_start_time(pid) != start:
+            return True
+        done = bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+    reap_supervisors()
+    return done
+
+
 def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float]:
     """Fork the supervisor of *container_id* and start the container.
 
@@ -529,6 +552,9 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
     run_dir = roots.container_run_dir(container_id)
     reap_supervisors()
     cgroup_manager()  # choose the backend here, once, not in every forked supervisor
+    profile = spec.get("linux", {}).get("seccomp")
+    # compiled here, where the result is remembered for the next container
+    bpf = compile_seccomp(profile, cache_dir=roots.run_root) if profile else b""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -538,7 +564,7 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
             _become_daemon(w, run_dir / "supervisor.log")
             sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
-            sup = Supervisor(container_id, roots, spec)
+            sup = Supervisor(container_id, roots, spec, bpf)
             sup.start()
             os.write(w, json.dumps({"pid": os.getpid(), "started": sup.started}).encode())
             os.close(w)

@@ -7,7 +7,6 @@ above translate those into pyhcs errors. Nothing here knows about containers.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 __all__ = [
@@ -53,7 +52,7 @@ _SYS_CAPSET = 126
 _SYS_SETNS = 308
 _SYS_CLOSE_RANGE = 436
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library runs ldconfig
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]

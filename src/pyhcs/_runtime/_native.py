@@ -1,11 +1,15 @@
 """The native executor: runs an OCI runtime spec with namespaces, mounts and cgroups.
 
-A started container is a :class:`Sandbox`: its namespaces, held open by file descriptors
-in the supervisor, and its cgroup. A *holder* child makes them (cgroup, unshare, rootfs,
-pivot_root) and forks the container's first process, pid 1 of the new pid namespace, which
-mounts /proc; the holder then exits and pid 1 passes to the supervisor, a child subreaper.
-Later processes are the supervisor's own forks that join with setns(2). So the supervisor
-reaps every exit itself; when pid 1 exits the kernel ends the rest of the container.
+A started container is a :class:`Sandbox`: its cgroup, the namespaces it lives in, and its
+pid 1. The supervisor builds it itself: it makes the cgroup, unshares the mount, uts, ipc,
+net and pid namespaces, sets up the root filesystem's mounts and forks pid 1, the first
+process of the new pid namespace. Pid 1 joins the cgroup, takes its own mount and cgroup
+namespaces, pivots into the root filesystem, mounts /proc and waits for the container's
+first process, which it becomes by exec. Later processes are the supervisor's own forks:
+born in the pid namespace, they join the cgroup and the mount and cgroup namespaces of
+pid 1. So the supervisor is the parent of every process it starts and reaps each exit
+itself; when pid 1 exits the kernel ends the rest of the container. The supervisor stays
+out of the cgroup (pausing the container must not freeze it) and keeps the host's root.
 
 Everything that runs between fork and exec is careful: no exception may unwind into the
 parent's stack, so each child ends in ``os._exit``.
@@ -26,53 +30,43 @@ from typing import Any
 
 from .. import _linux as L
 from ._cgroups import Cgroup, Resources, manager
-from ._spec import CAPABILITY_NUMBERS
+from ._seccomp import load_bpf
+from ._spec import CAPABILITY_NUMBERS, MAX_ID
 
 __all__ = ["Sandbox", "SpawnResult", "create_sandbox", "destroy_sandbox", "spawn",
-           "secure_join", "resolve_user",
-           "NATIVE_NAMESPACES"]
+           "secure_join", "resolve_user"]
 
-# The order nsenter(1) joins them in; mnt last so /proc paths stay the host's until then.
-NATIVE_NAMESPACES = ("ipc", "uts", "net", "cgroup", "mnt")
 _NS_FLAGS = {"ipc": L.CLONE_NEWIPC, "uts": L.CLONE_NEWUTS, "net": L.CLONE_NEWNET,
              "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID}
 _MAX_SYMLINKS = 255
 _PASSWD_LIMIT = 1 << 20  # bytes of /etc/passwd or /etc/group we are willing to read
-_MAX_ID = (1 << 31) - 1  # ids at or past 2**31 are refused, never wrapped
+_MAX_ID = MAX_ID  # ids at or past 2**31 are refused, never wrapped
 
 
 @dataclass
 class Sandbox:
-    """A started container: its cgroup, namespace fds, and until its first process
-    exists, the holder that will fork it."""
+    """A started container: its cgroup, pid 1, and the namespace fds later processes join."""
 
     container_id: str
     cgroup: Cgroup
-    ns_fds: dict[str, int] = field(default_factory=dict)
-    holder_pid: int = 0
-    holder_sock: socket.socket | None = None
-    init_pid: int = 0  # host pid of the container's pid 1, once known
-
-    def reap_holder(self) -> bool:
-        """Wait for the holder to be gone (it exits right after forking pid 1); False if
-        there was none."""
-        if not self.holder_pid:
-            return False
-        try:
-            os.waitpid(self.holder_pid, 0)
-        except ChildProcessError:
-            pass
-        self.holder_pid = 0
-        return True
+    init_pid: int = 0  # host pid of the container's pid 1
+    #: our end of pid 1's socket until pid 1 has exec'd the first process
+    init_sock: socket.socket | None = None
+    #: the cgroup files a single-threaded process writes "0" to, to move itself in
+    join_files: list[str] = field(default_factory=list)
+    ns_fds: dict[str, int] = field(default_factory=dict)  # pid 1's mnt and cgroup
+    #: the compiled seccomp filter every process installs right before exec (b"": none)
+    seccomp_bpf: bytes = b""
 
     def close(self) -> None:
-        """Close the namespace fds, and the holder's socket (the holder then exits)."""
+        """Close the namespace fds and pid 1's socket (a pid 1 that is still waiting for
+        its process then exits)."""
         for fd in self.ns_fds.values():
             os.close(fd)
         self.ns_fds.clear()
-        if self.holder_sock is not None:
-            self.holder_sock.close()
-            self.holder_sock = None
+        if self.init_sock is not None:
+            self.init_sock.close()
+            self.init_sock = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +210,7 @@ def _bring_up_loopback() -> None:
 
 
 def _setup_rootfs(spec: dict[str, Any]) -> None:
+    """The root filesystem's mounts, made in the supervisor's new mount namespace."""
     root = spec["root"]["path"]
     L.mount(None, "/", None, L.MS_REC | L.MS_SLAVE, None)
     L.mount(root, root, None, L.MS_BIND | L.MS_REC, None)
@@ -226,7 +221,12 @@ def _setup_rootfs(spec: dict[str, Any]) -> None:
     for p in spec.get("linux", {}).get("maskedPaths", []):
         if p.startswith("/sys/"):
             _mask(secure_join(root, p))
-    os.chdir(root)
+
+
+def _pivot(spec: dict[str, Any]) -> None:
+    """Make the root filesystem our root (pid 1, in its own copy of the mount namespace,
+    so the supervisor keeps the host's root)."""
+    os.chdir(spec["root"]["path"])
     L.pivot_root(".", ".")
     L.umount(".", L.MNT_DETACH)
     os.chdir("/")
@@ -282,12 +282,26 @@ def _resources(spec: dict[str, Any]) -> Resources:
     )
 
 
-def _move_to_cgroup(cg: Cgroup, pid: int) -> None:
-    data = str(pid).encode()
+def _join_files(cg: Cgroup) -> list[str]:
+    """The files through which a process moves itself into *cg*.
+
+    A single-threaded process writing "0" to a v1 hierarchy's ``tasks`` moves only itself,
+    and the kernel then skips the global threadgroup lock whose first writer waits out an
+    RCU grace period (5-30 ms here); ``cgroup.procs`` always takes it. cgroup v2 has no
+    ``tasks``, so there it is ``cgroup.procs``.
+    """
+    out = []
     for f in cg.procs_files():
+        tasks = os.path.join(os.path.dirname(f), "tasks")
+        out.append(tasks if os.path.exists(tasks) else f)
+    return out
+
+
+def _join_cgroup(files: list[str]) -> None:
+    for f in files:
         fd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.write(fd, data)
+            os.write(fd, b"0")
         finally:
             os.close(fd)
 
@@ -304,61 +318,59 @@ def _child_fail(fd: int, e: BaseException) -> None:
         os._exit(127)
 
 
-def create_sandbox(container_id: str, spec: dict[str, Any]) -> Sandbox:
-    """Create the namespaces and cgroup of a container and set up its root filesystem.
+def create_sandbox(container_id: str, spec: dict[str, Any], *,
+                   seccomp_bpf: bytes = b"") -> Sandbox:
+    """Create the container's cgroup and namespaces and fork its pid 1.
 
-    The namespaces are made by a *holder* child, which stays until the container's first
-    process: that process is the holder's own fork, so it is born in the cgroup and the
-    namespaces (pid 1 of the new pid namespace) without joining anything. The caller must
-    be a child subreaper (it inherits pid 1 when the holder exits) and must call this once.
+    The caller is the supervisor (a single-threaded process that lives as long as the
+    container): it moves into the new mount, uts, ipc, net and pid namespaces itself, so
+    its later forks are born in them. Call it once per process. *seccomp_bpf* is the
+    spec's ``linux.seccomp`` compiled by :func:`pyhcs._runtime._seccomp.compile_seccomp`
+    (compiling takes tens of milliseconds: the caller does it once, before it forks).
     """
     flags = 0
     for ns in spec["linux"]["namespaces"]:
         flags |= _NS_FLAGS[{"network": "net", "mount": "mnt"}.get(ns["type"], ns["type"])]
-    cg = manager().create(container_id, _resources(spec))
-    sb = Sandbox(container_id, cg)
+    L.unshare(flags & ~L.CLONE_NEWCGROUP)  # pid: for our children, beginning with pid 1
+    if flags & L.CLONE_NEWUTS and spec.get("hostname"):
+        socket.sethostname(spec["hostname"])
+    if flags & L.CLONE_NEWNET:
+        _bring_up_loopback()
+    _setup_rootfs(spec)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()
         if pid == 0:
-            _holder(theirs, ours, cg, spec, flags)
-        theirs.close()
-        sb.holder_pid = pid
-        sb.holder_sock = ours
-        # The first move into a new cgroup waits out an RCU grace period in the kernel
-        # (cgroup v1): we pay it here while the holder builds the namespaces beside us.
-        _move_to_cgroup(cg, pid)
-        ours.send(b"joined")
-        msg = ours.recv(4096)
-        if msg != b"ok":
-            code, _, text = msg.decode(errors="replace").partition(":")
-            raise OSError(int(code) if code.isdigit() else errno.EIO,
-                          text or "the namespace holder died")
-        for ns in NATIVE_NAMESPACES:
-            sb.ns_fds[ns] = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-        ours.send(b"go")
-        return sb
+            _init_stub(theirs, ours, spec, flags, seccomp_bpf)
     except BaseException:
+        ours.close()
+        raise
+    finally:
         theirs.close()
+    # pid 1 gets going (a fork's first steps are slow) while we make its cgroup
+    try:
+        cg = manager().create(container_id, _resources(spec))
+    except BaseException:
+        ours.close()
+        os.waitpid(pid, 0)
+        raise
+    sb = Sandbox(container_id, cg, pid, ours, _join_files(cg), seccomp_bpf=seccomp_bpf)
+    try:
+        ours.send(json.dumps(sb.join_files).encode())
+    except BaseException:
         destroy_sandbox(sb)
         raise
+    return sb
 
 
 def destroy_sandbox(sb: Sandbox) -> None:
-    """Release a sandbox: the holder (if still there), namespace fds, processes, cgroup."""
-    unused_init = 0
-    if sb.holder_sock is not None and sb.holder_pid:
-        # pid 1 never ran a process: learn its pid so we can reap it once it leaves
-        sb.holder_sock.settimeout(5)
-        try:
-            unused_init = _stub_pid(sb)
-        except OSError:
-            pass
+    """Release a sandbox: pid 1 if it never ran a process, namespace fds, processes and
+    the cgroup."""
+    waiting = sb.init_sock is not None
     sb.close()  # pid 1, still waiting for a process, sees the socket close and exits
-    sb.reap_holder()
-    if unused_init:
+    if waiting and sb.init_pid:
         try:
-            os.waitpid(unused_init, 0)
+            os.waitpid(sb.init_pid, 0)
         except ChildProcessError:
             pass
     try:
@@ -368,45 +380,31 @@ def destroy_sandbox(sb: Sandbox) -> None:
         pass
 
 
-def _holder(sock: socket.socket, other: socket.socket, cg: Cgroup, spec: dict[str, Any],
-            flags: int) -> None:
-    """The holder child: build the container, fork its pid 1, and leave."""
+def _init_stub(sock: socket.socket, other: socket.socket, spec: dict[str, Any],
+               flags: int, seccomp_bpf: bytes) -> None:
+    """Pid 1 before the first process: in the cgroup, pivoted, /proc mounted; then it
+    reports ready and execs on request."""
     try:
         other.close()
-        # nothing of the supervisor's (client sockets, pipes) may live on in the holder
-        L.close_range_from(3, keep=(sock.fileno(),))
-        L.unshare(flags & ~(L.CLONE_NEWCGROUP | L.CLONE_NEWPID))
-        if flags & L.CLONE_NEWUTS and spec.get("hostname"):
-            socket.sethostname(spec["hostname"])
-        if flags & L.CLONE_NEWNET:
-            _bring_up_loopback()
-        _setup_rootfs(spec)
-        if sock.recv(16) != b"joined":  # the supervisor moved us into the cgroup
-            os._exit(1)
-        # the cgroup namespace's root is the cgroup we are in when we make it
-        L.unshare(flags & (L.CLONE_NEWCGROUP | L.CLONE_NEWPID))
-        sock.send(b"ok")
-        if sock.recv(16) != b"go":  # the supervisor holds our namespaces now
-            os._exit(1)
-        # pid 1 is forked now, while the caller goes on: it mounts /proc and then waits
-        # for the container's first process, which it becomes by exec.
-        pid = os.fork()
-        if pid == 0:
-            _init_stub(sock, spec)
-        sock.send(json.dumps({"pid": pid}).encode())
-        os._exit(0)  # pid 1 passes to the supervisor, our subreaper
-    except BaseException as e:
-        _child_fail(sock.fileno(), e)
-
-
-def _init_stub(sock: socket.socket, spec: dict[str, Any]) -> None:
-    """Pid 1 before the first process: /proc mounted, then exec on request."""
-    try:
-        L.prctl(L.PR_SET_DUMPABLE, 0)  # see _fork_exec: the host's binary, until exec
+        # Until exec this is the host's Python binary inside the container: non-dumpable,
+        # its /proc/<pid>/exe is closed to container processes (see _fork_exec).
+        L.prctl(L.PR_SET_DUMPABLE, 0)
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # the supervisor gone: the container too
         _reset_signals()
+        # nothing of the supervisor's (client sockets, pipes) may live on in pid 1
+        L.close_range_from(3, keep=(sock.fileno(),))
+        msg = sock.recv(1 << 16)
+        if not msg:
+            os._exit(0)  # the supervisor could not make the cgroup
+        _join_cgroup(json.loads(msg))
+        # the cgroup namespace's root is the cgroup we are in when we make it; our own
+        # mount namespace, so that pivot_root moves only us
+        L.unshare(flags & L.CLONE_NEWCGROUP | L.CLONE_NEWNS)
+        _pivot(spec)
         _mount_proc(spec)
         with open("/proc/self/comm", "w") as f:  # what process_list shows until exec
             f.write("pyhcs-init")
+        sock.send(b"ready")
     except BaseException as e:
         _child_fail(sock.fileno(), e)
     try:
@@ -416,7 +414,7 @@ def _init_stub(sock: socket.socket, spec: dict[str, Any]) -> None:
         req = json.loads(data)
         console = fds[3] if len(fds) > 3 else -1
         _prepare_exec((fds[0], fds[1], fds[2]), console, sock.fileno())
-        _exec(req["process"], sock.fileno())  # the socket closes on exec: success
+        _exec(req["process"], seccomp_bpf)  # the socket closes on exec: success
     except BaseException as e:
         _child_fail(sock.fileno(), e)
 
@@ -437,9 +435,13 @@ def _bounded_lines(path: str) -> list[str]:
         os.close(fd)
 
 
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 10
+
+
 def _parse_id(text: str, what: str) -> int:
-    value = int(text)
-    if not 0 <= value <= _MAX_ID - 1:
+    value = int(text) if _is_id(text) else -1
+    if not 0 <= value <= _MAX_ID:
         raise OSError(errno.EINVAL, f"{what} {text} is out of range")
     return value
 
@@ -457,7 +459,7 @@ def resolve_user(user: str) -> tuple[int, int, list[int]]:
         if len(f) >= 4 and (f[0] == name or (uid >= 0 and f[2] == str(uid))):
             if uid < 0:
                 uid = _parse_id(f[2], "uid")
-            home_gid = _parse_id(f[3], "gid") if f[3].isdigit() else 0
+            home_gid = _parse_id(f[3], "gid") if _is_id(f[3]) else 0
             name = f[0]
             break
     if uid < 0:
@@ -478,7 +480,7 @@ def resolve_user(user: str) -> tuple[int, int, list[int]]:
                 raise OSError(errno.ENOENT, f"group {group!r} not found in /etc/group")
     for line in glines:
         f = line.split(":")
-        if len(f) >= 4 and name in f[3].split(",") and f[2].isdigit():
+        if len(f) >= 4 and name in f[3].split(",") and _is_id(f[2]):
             groups.append(_parse_id(f[2], "gid"))
     return uid, gid, groups
 
@@ -496,53 +498,42 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
     *stdio* are the fds the process gets as 0, 1 and 2. With *console* >= 0 that fd is a pty
     slave which becomes the controlling terminal. If the program cannot be executed, the
     child exits and the result carries the errno and message. The first process is pid 1;
-    later ones join the namespaces and the cgroup.
+    later ones join the cgroup and pid 1's namespaces.
     """
-    if sb.holder_sock is not None:
+    if sb.init_sock is not None:
         return _spawn_init(sb, process, stdio, console)
-    join = (sb.cgroup.procs_files(),
-            [(sb.ns_fds[n], _NS_FLAGS[n]) for n in NATIVE_NAMESPACES if n in sb.ns_fds])
-    return _fork_exec(process, stdio, console=console, join=join)
+    if not sb.ns_fds:
+        raise OSError(errno.ESRCH, "the container has stopped")
+    join = (sb.join_files, [(sb.ns_fds[n], _NS_FLAGS[n]) for n in ("cgroup", "mnt")])
+    return _fork_exec(process, stdio, console=console, join=join, seccomp_bpf=sb.seccomp_bpf)
 
 
-def _stub_pid(sb: Sandbox) -> int:
-    """The host pid of the container's pid 1 (the holder sends it after forking it)."""
-    if not sb.init_pid:
-        assert sb.holder_sock is not None
-        msg = sb.holder_sock.recv(4096)
-        if not msg.startswith(b"{"):
-            code, _, text = msg.decode(errors="replace").partition(":")
-            raise OSError(int(code) if code.isdigit() else errno.EIO,
-                          text or "the namespace holder died")
-        sb.init_pid = int(json.loads(msg)["pid"])
-    return sb.init_pid
+def _error_reply(msg: bytes) -> OSError:
+    code, _, text = msg.decode(errors="replace").partition(":")
+    return OSError(int(code) if code.isdigit() else errno.EIO, text or "pid 1 died")
 
 
 def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int],
                 console: int) -> SpawnResult:
-    sock = sb.holder_sock
+    sock = sb.init_sock
     assert sock is not None
     fds = [*stdio, console] if console >= 0 else list(stdio)
     try:
-        pid = _stub_pid(sb)
+        ready = sock.recv(4096)
+        if ready != b"ready":
+            raise _error_reply(ready)
+        # later processes join these; pid 1 may be gone by the time they come
+        for ns in ("cgroup", "mnt"):
+            sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
         msg = sock.recv(1 << 16)  # nothing: it exec'd (the socket was close-on-exec)
     finally:
         sock.close()
-        sb.holder_sock = None
-    try:
-        # later processes are forked by us: into the container's pid namespace
-        pidns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            L.setns(pidns, L.CLONE_NEWPID)
-        finally:
-            os.close(pidns)
-    except OSError:
-        pass  # pid 1 is already gone: the container is stopping, nothing more will run
+        sb.init_sock = None
     if msg:
-        code, _, text = msg.decode(errors="replace").partition(":")
-        return SpawnResult(pid, int(code) if code.isdigit() else errno.EIO, text)
-    return SpawnResult(pid)
+        err = _error_reply(msg)
+        return SpawnResult(sb.init_pid, err.errno or errno.EIO, err.strerror or str(err))
+    return SpawnResult(sb.init_pid)
 
 
 def _reset_signals() -> None:
@@ -566,7 +557,8 @@ def _prepare_exec(stdio: tuple[int, int, int], console: int, keep: int) -> None:
 
 
 def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console: int,
-               join: tuple[list[str], list[tuple[int, int]]]) -> SpawnResult:
+               join: tuple[list[str], list[tuple[int, int]]], seccomp_bpf: bytes
+               ) -> SpawnResult:
     """Fork a process that joins the container (cgroup, then namespaces) and execs."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -582,15 +574,12 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
             # (they lack CAP_SYS_PTRACE). exec makes the container's program dumpable again.
             L.prctl(L.PR_SET_DUMPABLE, 0)
             _reset_signals()
-            cg_files, ns_fds = join
-            for f in cg_files:
-                fd = os.open(f, os.O_WRONLY)
-                os.write(fd, b"0")
-                os.close(fd)
+            join_files, ns_fds = join
+            _join_cgroup(join_files)
             for fd, flag in ns_fds:
                 L.setns(fd, flag)
             _prepare_exec(stdio, console, err_w)
-            _exec(process, err_w)
+            _exec(process, seccomp_bpf)
         except BaseException as e:
             _child_fail(err_w, e)
     os.close(err_w)
@@ -606,7 +595,9 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
     return SpawnResult(pid)
 
 
-def _exec(process: dict[str, Any], err_w: int) -> None:
+def _exec(process: dict[str, Any], seccomp_bpf: bytes) -> None:
+    """Become *process*: user, working directory, capabilities, no_new_privs, seccomp, exec.
+    Raises OSError (for _child_fail) if it cannot."""
     env = dict(e.split("=", 1) for e in process.get("env", []) if "=" in e)
     user = process.get("pyhcsUser")
     if user:
@@ -616,7 +607,7 @@ def _exec(process: dict[str, Any], err_w: int) -> None:
         uid, gid = u.get("uid", 0), u.get("gid", 0)
         groups = list(u.get("additionalGids", []))
         for v in (uid, gid, *groups):
-            if not 0 <= v < _MAX_ID:
+            if not 0 <= v <= _MAX_ID:
                 raise OSError(errno.EINVAL, f"id {v} is out of range")
     cwd = process.get("cwd", "/")
     try:
@@ -629,13 +620,19 @@ def _exec(process: dict[str, Any], err_w: int) -> None:
     for cap in range(L.CAP_LAST_CAP + 1):
         if cap not in keep:
             L.prctl(L.PR_CAPBSET_DROP, cap)
-    if process.get("noNewPrivileges", True):
+    nnp = process.get("noNewPrivileges", True)
+    if nnp:
         L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+    elif seccomp_bpf:
+        load_bpf(seccomp_bpf)  # without no_new_privs the kernel wants CAP_SYS_ADMIN: now
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)
     if uid == 0:
         L.capset_drop_to(keep)
+    if nnp and seccomp_bpf:
+        # last, so the filter need not allow what the steps above use
+        load_bpf(seccomp_bpf)
     args = process["args"]
     exe = process.get("pyhcsExecutable") or args[0]
     if "HOME" not in env:
@@ -647,4 +644,3 @@ def _exec(process: dict[str, Any], err_w: int) -> None:
         raise OSError(errno.ENOENT, f"executable file not found {where}".strip()) from None
     except PermissionError:
         raise OSError(errno.EACCES, "permission denied (not executable)") from None
-    del err_w

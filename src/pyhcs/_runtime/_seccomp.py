@@ -349,7 +349,6 @@ def _check(ret: int, what: str) -> None:
         raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
 
 
-@functools.lru_cache(maxsize=16)
 def _compile(canonical: str) -> bytes:
     lib = _lib()
     ctx = _build(json.loads(canonical))
@@ -377,8 +376,21 @@ def compile_seccomp(profile: Mapping[str, Any], *,
     hashes the profile and the libseccomp version: the next process gets it for one read.
     """
     canonical = json.dumps(profile, sort_keys=True, separators=(",", ":"))
-    if cache_dir is None:
-        return _compile(canonical)
+    key = (canonical, None if cache_dir is None else os.fspath(cache_dir))
+    bpf = _memory.get(key)
+    if bpf is None:
+        bpf = _compile(canonical) if cache_dir is None else _cached(canonical, cache_dir)
+        if len(_memory) >= 16:
+            _memory.clear()
+        _memory[key] = bpf
+    return bpf
+
+
+#: (profile, cache dir) -> program, for this process and its forks
+_memory: dict[tuple[str, str | None], bytes] = {}
+
+
+def _cached(canonical: str, cache_dir: str | os.PathLike[str]) -> bytes:
     key = hashlib.sha256(f"{_version()}\n{canonical}".encode()).hexdigest()
     path = os.path.join(os.fspath(cache_dir), f"seccomp-{key[:32]}.bpf")
     try:
@@ -454,6 +466,6 @@ def load_seccomp(profile: Mapping[str, Any]) -> None:
         lib.seccomp_release(ctx)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library runs ldconfig
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]

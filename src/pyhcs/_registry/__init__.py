@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 __all__ = ["Registry"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the network service's tables
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
@@ -71,6 +71,62 @@ CREATE TABLE IF NOT EXISTS processes (
     created      REAL NOT NULL,
     finished     REAL,
     PRIMARY KEY (container_id, pid)
+);
+-- The network service (pyhcs._network). Documents are hcsshim JSON; the columns beside
+-- them are what the service looks up or must keep unique.
+CREATE TABLE IF NOT EXISTS networks (
+    id          TEXT PRIMARY KEY,        -- upper-case GUID, as HNS writes it
+    name        TEXT NOT NULL UNIQUE,
+    type        TEXT NOT NULL,           -- 'nat' | 'l2bridge' | 'transparent' | 'overlay'
+    doc         TEXT NOT NULL,           -- the HNSNetwork document
+    state       TEXT NOT NULL,           -- 'creating' | 'ready' | 'deleting'
+    owner_pid   INTEGER,                 -- who is creating/deleting it (recovery checks)
+    owner_start INTEGER,                 -- its start time (clock ticks) against pid reuse
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS net_subnets (
+    network_id  TEXT NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+    prefix      TEXT NOT NULL,           -- canonical CIDR, checked for overlap on create
+    PRIMARY KEY (network_id, prefix)
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL DEFAULT '',
+    network_id  TEXT NOT NULL REFERENCES networks(id),
+    doc         TEXT NOT NULL,           -- the HNSEndpoint document
+    state       TEXT NOT NULL,           -- 'creating' | 'ready' | 'deleting'
+    container_id TEXT NOT NULL DEFAULT '', -- the container it is attached to ('' if none)
+    netns_path  TEXT NOT NULL DEFAULT '',
+    netns_ino   INTEGER NOT NULL DEFAULT 0, -- the compartment id (netns inode)
+    ifname      TEXT NOT NULL DEFAULT '', -- its interface's name inside the netns
+    attach_state TEXT NOT NULL DEFAULT '', -- '' | 'attaching' | 'attached' | 'detaching'
+    owner_pid   INTEGER,                 -- who is creating/attaching/deleting it
+    owner_start INTEGER,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ip_allocations (
+    network_id  TEXT NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+    address     TEXT NOT NULL,
+    endpoint_id TEXT NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+    PRIMARY KEY (network_id, address)
+);
+CREATE TABLE IF NOT EXISTS mac_allocations (
+    network_id  TEXT NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+    mac         TEXT NOT NULL,           -- upper-case, dash-separated, as HNS writes it
+    endpoint_id TEXT NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+    PRIMARY KEY (network_id, mac)
+);
+CREATE TABLE IF NOT EXISTS port_mappings (
+    protocol    TEXT NOT NULL,           -- 'tcp' | 'udp'
+    external_port INTEGER NOT NULL,      -- a host port belongs to one mapping at a time
+    endpoint_id TEXT NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+    internal_port INTEGER NOT NULL,
+    PRIMARY KEY (protocol, external_port)
+);
+CREATE TABLE IF NOT EXISTS policy_lists (
+    id          TEXT PRIMARY KEY,
+    doc         TEXT NOT NULL,           -- the policy list document (HNS JSON)
+    created     REAL NOT NULL
 );
 """
 

@@ -1,0 +1,66 @@
+"""``pyhcs network`` / ``pyhcs endpoint`` commands (run in-process, inside the test's namespace)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import pyhcs
+from pyhcs import _network as hns
+from pyhcs._cli import cli, main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_network_and_endpoint_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "network", "create", "--subnet", "10.66.0.0/24",
+                        "--gateway", "10.66.0.254", "--dns", "10.66.0.53", "web")
+    assert code == 0
+    nid = out.strip()
+    assert hns.get_network("web").id == nid
+    code, out, _ = _run(capsys, "network", "ls")
+    assert code == 0 and "web" in out and "10.66.0.0/24" in out
+    code, out, _ = _run(capsys, "network", "inspect", "web")
+    (doc,) = json.loads(out)
+    assert doc["Subnets"][0]["GatewayAddress"] == "10.66.0.254"
+    assert doc["DNSServerList"] == "10.66.0.53"
+
+    ep = hns.create_endpoint(pyhcs.HNSEndpoint(name="e1", virtual_network=nid))
+    code, out, _ = _run(capsys, "endpoint", "ls", "--network", "web")
+    assert code == 0 and "e1" in out and ep.ip_address in out
+    code, out, _ = _run(capsys, "endpoint", "inspect", "e1")
+    assert json.loads(out)[0]["IPAddress"] == "10.66.0.1"
+
+    # errors: one line, exit 125, nothing changed
+    code, _, err = _run(capsys, "network", "rm", "web")
+    assert code == 125 and err.startswith("pyhcs: ") and "endpoint" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "network", "create", "--subnet", "10.66.0.0/16", "other")
+    assert code == 125 and "overlaps" in err
+    code, _, err = _run(capsys, "network", "create", "--type", "overlay", "ov")
+    assert code == 125 and "not supported" in err
+
+    assert _run(capsys, "endpoint", "rm", "e1")[0] == 0
+    assert _run(capsys, "network", "rm", nid)[0] == 0
+    code, out, _ = _run(capsys, "network", "ls", "--json")
+    assert json.loads(out) == []
+    code, _, err = _run(capsys, "network", "inspect", "web")
+    assert code == 125 and "not found" in err
+
+
+def test_network_restore_command() -> None:
+    net = hns.create_network(pyhcs.HNSNetwork(name="n"))
+    hns._nft.delete_network_tables(net.id)
+    r = CliRunner().invoke(cli, ["network", "restore"])
+    assert r.exit_code == 0 and r.output.strip() == net.id
+    hns.delete_network(net.id)

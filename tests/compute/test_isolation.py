@@ -94,8 +94,6 @@ def test_proc_masked_and_sys_read_only(make_container: Make) -> None:
 def test_unsupported_fields_are_named(make_container: Make) -> None:
     with pytest.raises(pyhcs.NotSupportedError, match="HvPartition"):
         make_container(hv_partition=True)
-    with pytest.raises(pyhcs.NotSupportedError, match="StorageIOPSMaximum"):
-        make_container(storage_iops_maximum=100)
 
 
 def test_failed_create_leaves_nothing(make_container: Make) -> None:

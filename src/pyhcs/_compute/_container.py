@@ -40,18 +40,16 @@ from .._errors import (
 )
 from .._paths import Roots
 from .._registry import Registry
+from .._runtime._cgroups import block_device
 from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._spec import container_spec, process_spec
 from .._schema import (
     ComputeSystemQuery,
     ContainerConfig,
     ContainerProperties,
-    MemoryStats,
     ProcessConfig,
     ProcessListItem,
-    ProcessorStats,
     Statistics,
-    StorageStats,
     from_json,
     to_dict,
     validate,
@@ -364,16 +362,9 @@ class Container:
             timestamp=now,
             container_start_time=started,
             uptime_100ns=max(0, int((now - started).total_seconds() * 1e7)),
-            memory=MemoryStats(usage_commit_bytes=st.memory_usage,
-                               usage_commit_peak_bytes=st.memory_max_usage,
-                               usage_private_working_set_bytes=st.memory_private_working_set),
-            processor=ProcessorStats(total_runtime_100ns=st.cpu_total_ns // 100,
-                                     runtime_user_100ns=st.cpu_user_ns // 100,
-                                     runtime_kernel_100ns=st.cpu_kernel_ns // 100),
-            storage=StorageStats(read_count_normalized=st.io_read_ops,
-                                 read_size_bytes=st.io_read_bytes,
-                                 write_count_normalized=st.io_write_ops,
-                                 write_size_bytes=st.io_write_bytes),
+            memory=st.memory_stats(),
+            processor=st.processor_stats(),
+            storage=st.storage_stats(),
         )
 
     def process_list(self) -> list[ProcessListItem]:
@@ -699,7 +690,8 @@ def create_container(container_id: str, config: ContainerConfig, *,
             info = _layers.DriverInfo()
             home, sandbox = info.home_dir, container_id
             parents = [layer.path for layer in config.layers]
-            _layers.create_sandbox_layer(info, sandbox, config.layers[0].id, parents)
+            _layers.create_sandbox_layer(info, sandbox, config.layers[0].id, parents,
+                                         size_bytes=config.storage_sandbox_size or None)
             try:
                 _layers.prepare_layer(info, sandbox, parents)
             except BaseException:
@@ -709,7 +701,8 @@ def create_container(container_id: str, config: ContainerConfig, *,
         else:
             raise InvalidConfigError(op, message="Layers is empty and no LayerFolderPath given")
         try:
-            spec = container_spec(container_id, config, rootfs)
+            spec = container_spec(container_id, config, rootfs,
+                                  block_device=_sandbox_device(rootfs, config))
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
         except BaseException:
@@ -728,6 +721,17 @@ def create_container(container_id: str, config: ContainerConfig, *,
     reg.execute("UPDATE containers SET state='created', sandbox_layer=?, layer_home=? "
                 "WHERE id=?", (sandbox, home, container_id))
     return Container(container_id, roots)
+
+
+def _sandbox_device(rootfs: str, config: ContainerConfig) -> tuple[int, int] | None:
+    """The block device the container writes to (for storage limits and statistics), or
+    None if it cannot be found and no storage limit needs it."""
+    try:
+        return tuple(block_device(rootfs))  # type: ignore[return-value]
+    except HcsError:
+        if config.storage_iops_maximum or config.storage_bandwidth_maximum:
+            raise
+        return None
 
 
 def create_container_with_json(container_id: str, config: ContainerConfig, extra_json: str,

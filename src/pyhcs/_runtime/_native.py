@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _linux as L
-from ._cgroups import Cgroup, Resources, manager
+from ._cgroups import BlockDevice, Cgroup, Resources, manager
 from ._seccomp import load_bpf
-from ._spec import CAPABILITY_NUMBERS, MAX_ID
+from ._spec import CAPABILITY_NUMBERS, MAX_ID, SANDBOX_DEVICE_ANNOTATION
 
 __all__ = ["Sandbox", "SpawnResult", "create_sandbox", "destroy_sandbox", "spawn",
            "secure_join", "resolve_user"]
@@ -269,17 +269,13 @@ def _mount_proc(spec: dict[str, Any]) -> None:
 
 
 def _resources(spec: dict[str, Any]) -> Resources:
-    r = spec.get("linux", {}).get("resources", {})
-    mem = r.get("memory", {})
-    cpu = r.get("cpu", {})
-    return Resources(
-        memory_bytes=mem.get("limit"),
-        cpu_shares=cpu.get("shares"),
-        cpu_quota_us=cpu.get("quota"),
-        cpu_period_us=cpu.get("period", 100_000),
-        cpuset_cpus=cpu.get("cpus"),
-        pids_max=r.get("pids", {}).get("limit"),
-    )
+    res = Resources.from_oci(spec.get("linux", {}).get("resources", {}))
+    dev = spec.get("annotations", {}).get(SANDBOX_DEVICE_ANNOTATION)
+    if dev:
+        # counted even without a throttle (cgroup v1 counts only devices it throttles)
+        major, _, minor = dev.partition(":")
+        res = res.counting_io_of(BlockDevice(int(major), int(minor)))
+    return res
 
 
 def _join_files(cg: Cgroup) -> list[str]:

@@ -26,6 +26,8 @@ __all__ = ["DEFAULT_CAPABILITIES", "DEFAULT_PATH", "container_spec", "process_sp
            "check_id", "parse_user"]
 
 OCI_VERSION = "1.0.2"
+#: The spec annotation naming the sandbox's block device ("major:minor").
+SANDBOX_DEVICE_ANNOTATION = "io.pyhcs.sandbox-device"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # containerd's default capability set (oci.DefaultSpec / defaultUnixCaps).
@@ -156,7 +158,8 @@ def _resources(config: ContainerConfig,
 
 def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
                    seccomp: bool | Mapping[str, Any] = True,
-                   userns: UserNamespace | None = None) -> dict[str, Any]:
+                   userns: UserNamespace | None = None,
+                   block_device: tuple[int, int] | None = None) -> dict[str, Any]:
     """The OCI runtime spec of a container, without its process (see :func:`process_spec`).
 
     Fields pyhcs cannot honour yet raise :class:`NotSupportedError` naming the field, so a
@@ -166,20 +169,21 @@ def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
     applies containerd's default profile for the default capability set, ``False`` applies
     none, and a mapping is used as the OCI profile itself. hcsshim's ContainerConfig has no
     such field, so this is an argument of pyhcs's own. *userns* puts the container in a new
-    user namespace with the given id mappings.
+    user namespace with the given id mappings. *block_device* (major, minor) holds the
+    container's sandbox: StorageIOPSMaximum and StorageBandwidthMaximum throttle it, and
+    its I/O is what the storage statistics count (annotation ``io.pyhcs.sandbox-device``).
+    ``StorageSandboxSize`` is the sandbox layer's business, not the spec's.
     """
     if config.hv_partition or config.hv_runtime is not None:
         raise NotSupportedError(
             "CreateContainer",
             message="HvPartition: VM-isolated containers are not supported yet on Linux")
-    for name, value in (("StorageIOPSMaximum", config.storage_iops_maximum),
-                        ("StorageBandwidthMaximum", config.storage_bandwidth_maximum),
-                        ("StorageSandboxSize", config.storage_sandbox_size)):
-        if value:
-            raise NotSupportedError("CreateContainer", message=f"{name} is not supported yet")
     if config.endpoint_list:
         raise NotSupportedError(
             "CreateContainer", message="EndpointList: the network service is not built yet")
+    annotations = {"io.pyhcs.owner": config.owner, "io.pyhcs.name": config.name}
+    if block_device is not None:
+        annotations[SANDBOX_DEVICE_ANNOTATION] = f"{block_device[0]}:{block_device[1]}"
     hostname = config.host_name or container_id[:12]
     if len(hostname) > 64:
         raise InvalidConfigError("CreateContainer", message="HostName is longer than 64 bytes")
@@ -192,13 +196,13 @@ def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
             "namespaces": [{"type": t} for t in
                            ("pid", "network", "ipc", "uts", "mount", "cgroup")]
                           + ([{"type": "user"}] if userns is not None else []),
-            "resources": _resources(config),
+            "resources": _resources(config, block_device),
             "maskedPaths": _masked_paths(),
             "readonlyPaths": list(READONLY_PATHS),
             "rootfsPropagation": "rslave",
             **_security(seccomp, userns),
         },
-        "annotations": {"io.pyhcs.owner": config.owner, "io.pyhcs.name": config.name},
+        "annotations": annotations,
     }
 
 

@@ -1,0 +1,114 @@
+"""Every ContainerConfig field has its Linux effect, seen from inside the container or
+from its cgroup (the cgroup tests in tests/runtime prove the kernel then enforces it)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import pyhcs
+from pyhcs._layers import DriverInfo, get_layer_mount_path
+from pyhcs._runtime._cgroups import block_device, manager
+
+from .conftest import run
+from .test_container import Make
+
+MIB = 1 << 20
+
+
+def _v1_file(container_id: str, controller: str, name: str) -> str:
+    cg = manager().open(container_id)
+    for f in cg.procs_files():
+        if f"/{controller}/" in f or f"/{controller}," in f:
+            with open(os.path.join(os.path.dirname(f), name)) as fh:
+                return fh.read()
+    pytest.skip(f"no v1 {controller} hierarchy")
+
+
+def test_processor_count_restricts_the_cpus(make_container: Make) -> None:
+    c = make_container(processor_count=1)
+    c.start()
+    code, out, _ = run(c, "grep Cpus_allowed_list /proc/self/status")
+    assert code == 0
+    allowed = out.decode().split()[-1]
+    assert allowed == str(sorted(os.sched_getaffinity(0))[0])
+
+
+def test_processor_maximum_limits_the_cpu_share(make_container: Make) -> None:
+    c = make_container(processor_maximum=20)
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="sh -c 'while :; do :; done'"))
+    try:
+        before = c.statistics().processor.total_runtime_100ns
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        used = (c.statistics().processor.total_runtime_100ns - before) / 1e7
+        share = used / (time.monotonic() - t0) / (os.cpu_count() or 1)
+        # 20% of all processors; a generous band for a busy shared machine
+        assert 0.05 < share < 0.35, share
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_processor_weight_sets_the_shares(make_container: Make) -> None:
+    c = make_container(processor_weight=2500)
+    c.start()
+    assert int(_v1_file(c.id, "cpu", "cpu.shares")) == 512
+
+
+def test_storage_limits_throttle_the_sandbox_device(make_container: Make) -> None:
+    c = make_container(storage_iops_maximum=100, storage_bandwidth_maximum=4 * MIB)
+    c.start()
+    bps = _v1_file(c.id, "blkio", "blkio.throttle.write_bps_device").split()
+    iops = _v1_file(c.id, "blkio", "blkio.throttle.write_iops_device").split()
+    assert bps[1] == str(4 * MIB) and iops[1] == "100"
+    # the throttled device is the one the container's root file system writes to
+    rootfs = get_layer_mount_path(DriverInfo(), c.id)
+    assert bps[0] == iops[0] == str(block_device(rootfs))
+
+
+def test_sandbox_size_gives_enospc_inside_only(make_container: Make) -> None:
+    c = make_container(storage_sandbox_size=64 * MIB)
+    c.start()
+    init = c.create_process(pyhcs.ProcessConfig(command_line="sleep 30"))
+    try:
+        code, _, err = run(c, "dd if=/dev/zero of=/big bs=1M count=100")
+        assert code != 0
+        assert b"No space left" in err
+        code, out, _ = run(c, "sh -c 'rm /big; echo ok > /small; cat /small'")
+        assert (code, out) == (0, b"ok\n")
+    finally:
+        init.kill()
+        init.wait(10)
+
+
+def test_owner_and_name_are_queryable(make_container: Make) -> None:
+    a = make_container(owner="ci", name="alpha")
+    make_container(owner="other", name="beta")
+    found = pyhcs.get_containers(pyhcs.ComputeSystemQuery(owners=["ci"]))
+    assert [p.id for p in found] == [a.id]
+    assert found[0].name == "alpha" and found[0].owner == "ci"
+    assert [p.id for p in pyhcs.get_containers(pyhcs.ComputeSystemQuery(names=["alpha"]))] == [
+        a.id]
+
+
+def test_statistics_move_with_the_workload(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="sleep 30"))
+    try:
+        s1 = c.statistics()
+        code, _, _ = run(c, "sh -c 'i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; "
+                            "dd if=/dev/zero of=/data bs=1M count=16 conv=fsync'")
+        assert code == 0
+        s2 = c.statistics()
+        assert s2.processor.total_runtime_100ns > s1.processor.total_runtime_100ns
+        assert s2.memory.usage_commit_bytes > 0
+        assert s2.storage.write_size_bytes >= s1.storage.write_size_bytes + 16 * MIB
+        assert s2.uptime_100ns > s1.uptime_100ns
+    finally:
+        p.kill()
+        p.wait(10)

@@ -12,6 +12,8 @@ from ._compute import (
     create_container,
     create_container_with_json,
     get_containers,
+    hot_attach_endpoint,
+    hot_detach_endpoint,
     open_container,
     remove_container,
 )
@@ -96,6 +98,32 @@ from ._schema import (
 
 __version__ = "0.1.0"
 
+# The network service loads pyroute2, which a program that only runs containers without
+# networks should not pay for at import: its names resolve on first use.
+_NETWORK_NAMES = frozenset({
+    "hns_network_request", "hns_list_network_request", "hns_endpoint_request",
+    "hns_list_endpoint_request", "hns_policy_list_request", "set_current_thread_compartment_id",
+    "get_current_thread_compartment_id", "create_network", "delete_network", "get_network",
+    "list_networks", "create_endpoint", "update_endpoint", "delete_endpoint", "get_endpoint",
+    "list_endpoints", "attach_endpoint", "detach_endpoint", "endpoint_statistics",
+    "endpoint_compartment_id", "resolv_conf", "NetworkError", "InvalidNetworkRequestError",
+    "NetworkNotSupportedError",
+})
+
+
+def __getattr__(name: str) -> object:
+    if name in _NETWORK_NAMES:
+        from . import _network
+
+        value = getattr(_network, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pyhcs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _NETWORK_NAMES)
+
 
 def is_tp4() -> bool:
     """hcsshim's IsTP4, kept for parity: always False, as no Linux kernel is Windows TP4."""
@@ -106,6 +134,9 @@ __all__ = [
     # compute
     "Container", "Process", "create_container", "create_container_with_json",
     "open_container", "get_containers", "remove_container", "container_state",
+    "hot_attach_endpoint", "hot_detach_endpoint",
+    # network (loaded on first use)
+    *sorted(_NETWORK_NAMES),
     # layers
     "DriverInfo", "LayerDescriptor", "activate_layer", "create_layer", "create_sandbox_layer",
     "deactivate_layer", "destroy_layer", "get_layer_mount_path", "get_shared_base_images",

@@ -7,6 +7,8 @@ from ._container import (
     create_container,
     create_container_with_json,
     get_containers,
+    hot_attach_endpoint,
+    hot_detach_endpoint,
     open_container,
     remove_container,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "create_container",
     "create_container_with_json",
     "get_containers",
+    "hot_attach_endpoint",
+    "hot_detach_endpoint",
     "open_container",
     "remove_container",
 ]

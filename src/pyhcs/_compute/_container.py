@@ -7,6 +7,7 @@ in its supervisor (see ``_supervisor``), so any process on the machine can open 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -35,6 +36,7 @@ from .._errors import (
     ErrorCode,
     HcsError,
     InvalidConfigError,
+    NotSupportedError,
     ProcessError,
     ProcessTimeoutError,
 )
@@ -42,11 +44,13 @@ from .._paths import Roots
 from .._registry import Registry
 from .._runtime._cgroups import block_device
 from .._runtime._cgroups import manager as cgroup_manager
+from .._runtime._native import secure_join
 from .._runtime._spec import container_spec, process_spec
 from .._schema import (
     ComputeSystemQuery,
     ContainerConfig,
     ContainerProperties,
+    NetworkStats,
     ProcessConfig,
     ProcessListItem,
     Statistics,
@@ -72,6 +76,8 @@ __all__ = [
     "open_container",
     "get_containers",
     "remove_container",
+    "hot_attach_endpoint",
+    "hot_detach_endpoint",
 ]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -270,6 +276,86 @@ class Container:
             "UPDATE containers SET state='running', started=?, supervisor_pid=?, "
             "supervisor_start=? WHERE id=? AND state='starting'",
             (started, pid, process_start_time(pid), self._id))
+        endpoints = json.loads(row["config"]).get("EndpointList") or []
+        if endpoints:
+            try:
+                self._attach(endpoints, pid, spec["root"]["path"])
+            except BaseException:
+                with contextlib.suppress(HcsError):
+                    self.terminate()
+                    self.wait(30)
+                raise
+
+    # -- networking ----------------------------------------------------------------------
+
+    def _attach(self, endpoint_ids: list[str], supervisor_pid: int, rootfs: str) -> None:
+        """Plug endpoints into the container's network namespace (the supervisor's) and
+        write the first one's DNS settings to its /etc/resolv.conf."""
+        from .. import _network  # pyroute2 is loaded only by containers that network
+
+        netns = f"/proc/{supervisor_pid}/ns/net"
+        done: list[str] = []
+        try:
+            for ep in endpoint_ids:
+                _network.attach_endpoint(ep, netns, container_id=self._id, roots=self._roots)
+                done.append(ep)
+            for ep in endpoint_ids:
+                conf = _network.resolv_conf(ep, roots=self._roots)
+                if "nameserver" in conf:
+                    _write_in_root(rootfs, "etc/resolv.conf", conf.encode())
+                    break
+        except BaseException:
+            for ep in done:
+                with contextlib.suppress(HcsError):
+                    _network.detach_endpoint(ep, self._id, roots=self._roots)
+            raise
+
+    def _attached_endpoints(self) -> list[str]:
+        reg = _registry(self._roots)
+        try:
+            rows = reg.query("SELECT id FROM endpoints WHERE container_id=? AND "
+                             "attach_state='attached' ORDER BY id", (self._id,))
+        except sqlite3.OperationalError:
+            return []  # a registry without networking tables has no endpoints
+        return [r["id"] for r in rows]
+
+    def modify(self, request: dict[str, Any] | str) -> None:
+        """hcsshim's Modify for networking: ``{"ResourceType": "Network", "RequestType":
+        "Add" | "Remove", "Settings": "<endpoint id>"}`` hot-attaches an endpoint to the
+        running container or detaches it. Other resource types raise
+        :class:`NotSupportedError`; a malformed request :class:`InvalidConfigError`."""
+        self._check("Modify")
+        if isinstance(request, str):
+            try:
+                request = json.loads(request)
+            except ValueError as e:
+                raise InvalidConfigError("Modify", message=f"request: {e}") from e
+        if not isinstance(request, dict):
+            raise InvalidConfigError("Modify", message="the request is not an object")
+        rtype = request.get("ResourceType")
+        kind = request.get("RequestType")
+        settings = request.get("Settings")
+        if rtype != "Network":
+            raise NotSupportedError("Modify", message=f"ResourceType {rtype!r}: only "
+                                    "'Network' can be modified")
+        if kind not in ("Add", "Remove") or not isinstance(settings, str) or not settings:
+            raise InvalidConfigError("Modify", message="a Network request needs RequestType "
+                                     "Add or Remove and Settings (the endpoint id)")
+        row = self._row("Modify")
+        if row["state"] not in ("running", "paused"):
+            raise ContainerError(self._id, "Modify", ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
+                                 message=f"the container is {row['state']}")
+        from .. import _network
+
+        if kind == "Add":
+            self._attach([settings], row["supervisor_pid"],
+                         self._spec_root())
+        else:
+            _network.detach_endpoint(settings, self._id, roots=self._roots)
+
+    def _spec_root(self) -> str:
+        spec = json.loads((self._roots.container_run_dir(self._id) / "config.json").read_text())
+        return str(spec["root"]["path"])
 
     def shutdown(self) -> None:
         """Ask the container to stop: its init gets SIGTERM. Returns at once; :meth:`wait`
@@ -365,7 +451,16 @@ class Container:
             memory=st.memory_stats(),
             processor=st.processor_stats(),
             storage=st.storage_stats(),
+            network=self._network_stats(),
         )
+
+    def _network_stats(self) -> list[NetworkStats]:
+        ids = self._attached_endpoints()
+        if not ids:
+            return []
+        from .. import _network
+
+        return [_network.endpoint_statistics(ep, roots=self._roots) for ep in ids]
 
     def process_list(self) -> list[ProcessListItem]:
         """The processes in the container now (pids as seen inside it)."""
@@ -666,6 +761,11 @@ def create_container(container_id: str, config: ContainerConfig, *,
     _check_id(container_id, op)
     validate(config)
     roots = roots or Roots.resolve()
+    if config.endpoint_list:
+        from .. import _network
+
+        for ep in config.endpoint_list:
+            _network.get_endpoint(ep, roots=roots)  # NetworkError (not found) if unknown
     reg = _registry(roots)
     run_dir = roots.container_run_dir(container_id)
     doc = to_dict(config)
@@ -721,6 +821,33 @@ def create_container(container_id: str, config: ContainerConfig, *,
     reg.execute("UPDATE containers SET state='created', sandbox_layer=?, layer_home=? "
                 "WHERE id=?", (sandbox, home, container_id))
     return Container(container_id, roots)
+
+
+def hot_attach_endpoint(container_id: str, endpoint_id: str, *,
+                        roots: Roots | None = None) -> None:
+    """hcsshim's HotAttachEndpoint: plug *endpoint_id* into the running container."""
+    with open_container(container_id, roots=roots) as c:
+        c.modify({"ResourceType": "Network", "RequestType": "Add", "Settings": endpoint_id})
+
+
+def hot_detach_endpoint(container_id: str, endpoint_id: str, *,
+                        roots: Roots | None = None) -> None:
+    """hcsshim's HotDetachEndpoint: unplug *endpoint_id* from the container."""
+    with open_container(container_id, roots=roots) as c:
+        c.modify({"ResourceType": "Network", "RequestType": "Remove", "Settings": endpoint_id})
+
+
+def _write_in_root(root: str, rel: str, data: bytes) -> None:
+    """Write *data* to *rel* inside the root file system *root*: symlinks in the image are
+    resolved inside it, never out of it."""
+    path = secure_join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _sandbox_device(rootfs: str, config: ContainerConfig) -> tuple[int, int] | None:
@@ -835,5 +962,13 @@ def remove_container(container_id: str, *, force: bool = False,
     # the supervisor writes its final record before it releases the cgroup: the name is
     # free for a new container only once it has exited
     wait_supervisor_exit(row["supervisor_pid"], row["supervisor_start"])
+    c = Container(container_id, roots)
+    attached = c._attached_endpoints()
+    if attached:
+        from .. import _network
+
+        for ep in attached:
+            with contextlib.suppress(HcsError):
+                _network.detach_endpoint(ep, container_id, roots=roots)
     reg.execute("DELETE FROM containers WHERE id=?", (container_id,))
     shutil.rmtree(roots.container_run_dir(container_id), ignore_errors=True)

@@ -178,9 +178,6 @@ def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
         raise NotSupportedError(
             "CreateContainer",
             message="HvPartition: VM-isolated containers are not supported yet on Linux")
-    if config.endpoint_list:
-        raise NotSupportedError(
-            "CreateContainer", message="EndpointList: the network service is not built yet")
     annotations = {"io.pyhcs.owner": config.owner, "io.pyhcs.name": config.name}
     if block_device is not None:
         annotations[SANDBOX_DEVICE_ANNOTATION] = f"{block_device[0]}:{block_device[1]}"

@@ -97,3 +97,13 @@ def test_layer_and_image_commands(tmp_path: Path, roots: Roots) -> None:
     assert layer_id in pyhcs("layer", "ls").stdout
     assert pyhcs("image", "build-busybox").returncode == 0
     assert "busybox" in pyhcs("image", "ls").stdout
+
+
+def test_detached_auto_remove(image: str, roots: Roots) -> None:
+    r = pyhcs("run", "-d", "--rm", image, "true")
+    assert r.returncode == 0, r.stderr
+    import pyhcs as api
+
+    api.open_container(r.stdout.strip()).wait(10)
+    # the first look after it stopped removes it
+    assert json.loads(pyhcs("ps", "-a", "--json").stdout) == []

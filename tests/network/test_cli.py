@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +11,8 @@ from click.testing import CliRunner
 import pyhcs
 from pyhcs import _network as hns
 from pyhcs._cli import cli, main
+
+from .conftest import Wire, tcp_client
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -64,3 +67,38 @@ def test_network_restore_command() -> None:
     r = CliRunner().invoke(cli, ["network", "restore"])
     assert r.exit_code == 0 and r.output.strip() == net.id
     hns.delete_network(net.id)
+
+
+def test_run_with_network_publishes_a_port(capsys: pytest.CaptureFixture[str],
+                                           busybox: list[str], wire: Wire) -> None:
+    assert _run(capsys, "network", "create", "--subnet", "10.67.0.0/24", "pub")[0] == 0
+    code, out, err = _run(capsys, "run", "-d", "--network", "pub", "-p", "8080:80", "busybox",
+                          "sh", "-c", "echo pong | nc -l -p 80")
+    assert code == 0, err
+    cid = out.strip()
+    try:
+        (ep,) = [e for e in hns.list_endpoints() if e.name == f"run-{cid}"]
+        deadline = time.monotonic() + 10
+        while True:  # until nc listens
+            client = tcp_client(wire.outside)
+            try:
+                client.connect((wire.host_address, 8080))
+                data = client.recv(100)
+                if data:
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+            finally:
+                client.close()
+        assert data == b"pong\n"
+        assert ep.ip_address.startswith("10.67.0.")
+    finally:
+        assert _run(capsys, "rm", "-f", cid)[0] == 0
+    assert [e for e in hns.list_endpoints() if e.name == f"run-{cid}"] == []
+    code, _, err = _run(capsys, "run", "-p", "1:2", "busybox", "true")
+    assert code == 2 and "--network" in err
+    code, _, err = _run(capsys, "run", "--network", "pub", "-p", "80", "busybox", "true")
+    assert code == 2 and "HOST:CONTAINER" in err
+    assert _run(capsys, "network", "rm", "pub")[0] == 0

@@ -6,12 +6,12 @@ docker does); ``PYHCS_DEBUG=1`` adds the traceback.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 import shlex
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -32,6 +32,8 @@ from .._errors import HcsError
 from .._paths import Roots
 from .._registry import Registry
 from .._schema import ContainerConfig, Layer, ProcessConfig
+from . import _images
+from . import _network as _network_cli
 
 __all__ = ["main", "cli"]
 
@@ -89,12 +91,22 @@ def _pump(src: IO[bytes], dst: IO[bytes]) -> None:
 @click.option("-w", "--workdir", default="", help="Working directory inside the container.")
 @click.option("-u", "--user", default="", help="user[:group] (names or numeric ids).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and attached.")
+@click.option("--network", default="", help="Attach to this network (name or id).")
+@click.option("-p", "--publish", multiple=True, metavar="HOST:CONTAINER[/udp]",
+              help="Map a host port to a container port (needs --network).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostname: str,
-        env: tuple[str, ...], workdir: str, user: str, interactive: bool, image: str,
-        command: tuple[str, ...]) -> None:
-    """Run COMMAND in a new container of IMAGE; exit with its exit code."""
+        env: tuple[str, ...], workdir: str, user: str, interactive: bool, network: str,
+        publish: tuple[str, ...], image: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a new container of IMAGE; exit with its exit code.
+
+    With --network, the container gets an endpoint of its own on that network (named
+    ``run-<id>``), removed with the container; -p publishes ports through it.
+    """
+    if publish and not network:
+        raise click.UsageError("-p needs --network")
+    ports = [_parse_publish(p) for p in publish]
     img = _layers.resolve_image(image)
     cfg = img.config
     argv = list(command)
@@ -116,12 +128,18 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
     if name and Registry.open(Roots.resolve().db_path).query_one(
             "SELECT 1 FROM containers WHERE name=?", (name,)):
         raise click.ClickException(f"the name {name!r} is already in use")
+    endpoints = [_run_endpoint(container_id, network, ports)] if network else []
     config = ContainerConfig(
         name=name, owner="pyhcs",
         layers=[Layer(id=os.path.basename(p), path=p) for p in img.layer_chain],
-        memory_maximum_in_mb=memory_mb or 0, host_name=hostname or container_id[:12])
-    c = create_container(container_id, config, image_config=cfg,
-                         auto_remove=auto_remove and detach)
+        memory_maximum_in_mb=memory_mb or 0, host_name=hostname or container_id[:12],
+        endpoint_list=endpoints)
+    try:
+        c = create_container(container_id, config, image_config=cfg,
+                             auto_remove=auto_remove and detach)
+    except BaseException:
+        _drop_run_endpoint(container_id)
+        raise
     try:
         c.start()
         p = c.create_process(ProcessConfig(
@@ -143,6 +161,50 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
     code = _attach(p, interactive)
     _finish_run(container_id, auto_remove)
     sys.exit(code)
+
+
+def _parse_publish(spec: str) -> tuple[int, int, str]:
+    ports, _, proto = spec.partition("/")
+    host, sep, inner = ports.partition(":")
+    proto = (proto or "tcp").upper()
+    try:
+        h, i = int(host), int(inner)
+    except ValueError:
+        h = i = 0
+    if not sep or proto not in ("TCP", "UDP") or not (0 < h < 65536 and 0 < i < 65536):
+        raise click.BadParameter(f"{spec!r} is not HOST:CONTAINER[/udp]",
+                                 param_hint="-p/--publish")
+    return h, i, proto
+
+
+def _run_endpoint(container_id: str, network: str, ports: list[tuple[int, int, str]]) -> str:
+    """An endpoint for ``run --network``, publishing *ports*; returns its id."""
+    from .. import _network
+    from .._schema import HNSEndpoint, NatPolicy, to_dict
+
+    policies = [to_dict(NatPolicy(protocol=proto, internal_port=inner, external_port=host))
+                for host, inner, proto in ports]
+    net = _network.get_network(network)
+    ep = _network.create_endpoint(HNSEndpoint(name=f"run-{container_id}", policies=policies),
+                                  network=net.id)
+    return ep.id
+
+
+def _drop_run_endpoint(container_id: str) -> None:
+    """Delete the endpoint ``run --network`` made for the container, if any."""
+    reg = Registry.open(Roots.resolve().db_path)
+    try:
+        rows = reg.query("SELECT id FROM endpoints WHERE name=?", (f"run-{container_id}",))
+    except sqlite3.OperationalError:
+        return  # no networking tables: nothing was made
+    if rows:
+        from .. import _network
+
+        for r in rows:
+            try:
+                _network.delete_endpoint(r["id"])
+            except HcsError:
+                pass
 
 
 def _attach(p: Process, interactive: bool) -> int:
@@ -185,6 +247,7 @@ def _finish_run(container_id: str, auto_remove: bool) -> None:
     c.wait()
     if auto_remove:
         remove_container(container_id)
+        _drop_run_endpoint(container_id)
 
 
 def _discard(container_id: str) -> None:
@@ -192,6 +255,7 @@ def _discard(container_id: str) -> None:
         remove_container(container_id, force=True)
     except HcsError:
         pass
+    _drop_run_endpoint(container_id)
 
 
 @cli.command()
@@ -233,99 +297,16 @@ def inspect(container: str) -> None:
 def rm(force: bool, containers: tuple[str, ...]) -> None:
     """Remove containers."""
     for ref in containers:
-        remove_container(_resolve_container(ref), force=force)
+        cid = _resolve_container(ref)
+        remove_container(cid, force=force)
+        _drop_run_endpoint(cid)
         click.echo(ref)
 
 
-@cli.group()
-def layer() -> None:
-    """Manage layers."""
-
-
-@layer.command("import")
-@click.option("--parent", default="", help="The id of the parent layer.")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def layer_import(parent: str, file: str) -> None:
-    """Import an OCI layer tar (plain or gzip); print the layer id."""
-    info = _layers.DriverInfo()
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    layer_id = h.hexdigest()
-    if not _layers.layer_exists(info, layer_id):
-        parents = []
-        if parent:
-            if not _layers.layer_exists(info, parent):
-                raise click.ClickException(f"no such layer: {parent}")
-            parents = _layers.resolve_image(parent).layer_chain
-        with open(file, "rb") as f:
-            _layers.import_layer_from_tar(info, layer_id, f, parents)
-    click.echo(layer_id)
-
-
-@layer.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
-def layer_ls(as_json: bool) -> None:
-    """List layers."""
-    reg = Registry.open(Roots.resolve().db_path)
-    rows = [dict(r) for r in reg.query(
-        "SELECT id, parent, kind, size, created FROM layers WHERE state='ready' "
-        "ORDER BY created")]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    click.echo(f"{'LAYER ID':<66}{'KIND':<9}{'PARENT':<14}SIZE")
-    for r in rows:
-        click.echo(f"{r['id']:<66}{r['kind']:<9}{(r['parent'] or '')[:12]:<14}{r['size']}")
-
-
-@cli.group()
-def image() -> None:
-    """Manage images."""
-
-
-@image.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
-def image_ls(as_json: bool) -> None:
-    """List images."""
-    images = _layers.list_images()
-    if as_json:
-        click.echo(json.dumps([{"name": i.name, "top_layer": i.top_layer, "config": i.config}
-                               for i in images], indent=2))
-        return
-    click.echo(f"{'NAME':<24}LAYER")
-    for i in images:
-        click.echo(f"{i.name:<24}{i.top_layer}")
-
-
-@image.command("import")
-@click.option("--name", required=True, help="The image's name.")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def image_import(name: str, file: str) -> None:
-    """Import a root filesystem tar (plain or gzip) as image NAME."""
-    with open(file, "rb") as f:
-        info = _layers.import_image(name, f)
-    click.echo(info.top_layer)
-
-
-@image.command("build-busybox")
-@click.option("--name", default="busybox", show_default=True)
-@click.option("--busybox", default="/bin/busybox", show_default=True,
-              help="A static busybox binary (Debian's busybox-static).")
-def image_build_busybox(name: str, busybox: str) -> None:
-    """Build image NAME offline from a static busybox binary (no download)."""
-    info = _layers.ensure_busybox_image(name, busybox=busybox)
-    click.echo(f"{info.name} {info.top_layer}")
-
-
-@image.command("rm")
-@click.argument("names", nargs=-1, required=True)
-def image_rm(names: tuple[str, ...]) -> None:
-    """Remove images (their layers stay while other images use them)."""
-    for n in names:
-        _layers.remove_image(n)
-        click.echo(n)
+cli.add_command(_images.layer)
+cli.add_command(_images.image)
+cli.add_command(_network_cli.network)
+cli.add_command(_network_cli.endpoint)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -902,6 +902,12 @@ def get_containers(query: ComputeSystemQuery | None = None, *, roots: Roots | No
             if fresh is None:
                 continue
             row = fresh
+        if row["state"] == "stopped" and row["auto_remove"]:
+            # created with auto_remove (``run -d --rm``): nobody waited, so whoever looks
+            # first after it stopped removes it
+            with contextlib.suppress(HcsError):
+                remove_container(row["id"], roots=roots)
+            continue
         if q.ids and row["id"] not in q.ids:
             continue
         if q.names and row["name"] not in q.names:

@@ -114,7 +114,54 @@ CASES: dict[str, Case] = {
     ),
     "bad-owner": lambda v: ([f("a", b"x", uid=1 << 40)], None),
     "gnu-sparse": lambda v: (_sparse_tar(), None),
+    "whiteout-root-dot": lambda v: ([f(".wh..")], None),
+    "whiteout-root-dotdot": lambda v: ([f(".wh...")], None),
+    "whiteout-in-dotdot-dir": lambda v: ([f("a/../.wh.x")], None),
+    "device-out-of-range": lambda v: ([dev("big", tarfile.CHRTYPE, 0o7777777, 0o7777777)], None),
+    "block-device-zero": lambda v: ([dev("b0", tarfile.BLKTYPE, 0, 0)], None),
+    "path-4096-bytes": lambda v: ([f("d/" * 2047 + "xx", b"x")], None),
+    "size-field-lies": lambda v: (_lying_size(), None),
+    "gzip-bomb": lambda v: (gzip.compress(build([f("zeros", bytes(32 << 20))]), 1), 4 << 20),
+    "gzip-bomb-after-end": lambda v: (
+        gzip.compress(build([f("a", b"x")]) + bytes(32 << 20), 1),
+        4 << 20,
+    ),
+    "zstd-bomb": lambda v: (_zstd(build([f("zeros", bytes(32 << 20))])), 4 << 20),
+    "zstd-bomb-after-end": lambda v: (_zstd(build([f("a", b"x")]) + bytes(32 << 20)), 4 << 20),
+    "zstd-truncated": lambda v: (_zstd(build([f("a", os.urandom(50_000))]))[:20_000], None),
+    "hardlink-to-dir": lambda v: ([d("dir"), hl("x", "dir")], None),
+    "hardlink-to-root": lambda v: ([hl("x", ".")], None),
+    "hardlink-through-replaced-dir": lambda v: (
+        [d("a"), f("a/f", b"x"), sym("a", str(v)), hl("g", "a/secret")],
+        None,
+    ),
+    "symlink-chain-escape": lambda v: (
+        [sym("a", "b"), sym("b", str(v)), f("a/pwned", b"pwned")],
+        None,
+    ),
+    "opaque-dotdot": lambda v: ([f("../.wh..wh..opq")], None),
 }
+
+
+def _zstd(raw: bytes) -> bytes:
+    from pyhcs._layers._zstd import ZstdWriter
+
+    buf = io.BytesIO()
+    w = ZstdWriter(buf, level=1)
+    w.write(raw)
+    w.close()
+    return buf.getvalue()
+
+
+def _lying_size() -> bytes:
+    """A member whose size field says 1 MiB with only 100 bytes of data before the next
+    header: the next header is read as data, and the stream ends inside the member."""
+    raw = bytearray(build([f("a", bytes(100)), f("b", b"y" * 100)]))
+    off = raw.find(b"a\x00")
+    raw[off + 124 : off + 136] = b"%011o\x00" % (1 << 20)
+    raw[off + 148 : off + 156] = b" " * 8
+    raw[off + 148 : off + 156] = b"%06o\x00 " % sum(raw[off : off + 512])
+    return bytes(raw)
 
 
 def _corrupt_crc(gz: bytes) -> bytes:
@@ -236,6 +283,49 @@ def test_fifo_and_whiteout_device_are_allowed(roots: Roots) -> None:
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
     wh = os.lstat(fs / "gone")
     assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+
+
+def test_hostile_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 30
+
+
+def test_contained_archives_stay_inside(roots: Roots, victim: Path) -> None:
+    """Archives that are odd but harmless import, and nothing outside the layer changes."""
+    info = DriverInfo()
+    before = tree_digest(victim)
+    # Duplicate names changing type: the last entry wins, nothing is followed.
+    data = build(
+        [
+            f("x", b"file"),
+            d("x"),
+            f("x/inner", b"in"),
+            sym("x", str(victim)),
+            f("x", b"last"),
+            sym("y", str(victim)),
+            d("y"),
+            hl("z", "x"),
+            f("z", b"replaced hard link"),
+        ]
+    )
+    fs = Path(import_layer_from_tar(info, "dups", io.BytesIO(data))) / "fs"
+    assert (fs / "x").read_bytes() == b"last" and os.lstat(fs / "x").st_nlink == 1
+    assert stat.S_ISDIR(os.lstat(fs / "y").st_mode)
+    assert (fs / "z").read_bytes() == b"replaced hard link"
+    # setuid/setgid files are kept (the layer home is 0700: only root reaches them).
+    data = build([f("suid", b"x", mode=0o6755), f("sticky-dir/.keep"), d("sticky-dir", 0o1777)])
+    fs = Path(import_layer_from_tar(info, "suid", io.BytesIO(data))) / "fs"
+    assert stat.S_IMODE(os.stat(fs / "suid").st_mode) == 0o6755
+    assert stat.S_IMODE(os.stat(fs / "sticky-dir").st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(info.home_dir).st_mode) == 0o700
+    # 2,000 nested directories (a 4,000-byte path): imported, and destroyed again.
+    deep = "/".join(["d"] * 2000)
+    fs = Path(import_layer_from_tar(info, "deep", io.BytesIO(build([f(deep + "/x", b"x")]))))
+    from pyhcs._layers import destroy_layer
+
+    destroy_layer(info, "deep")
+    assert not fs.exists()
+    assert tree_digest(victim) == before
+    assert _leftovers(info) == []
 
 
 def test_max_size_boundary(roots: Roots) -> None:

@@ -17,7 +17,11 @@ On-disk format
                                           whiteout  = character device 0:0 named as the
                                                       hidden entry
                                           opaque dir = xattr trusted.overlay.opaque=y
-        upper/   work/                  sandbox only: overlay upperdir and workdir
+        upper/   work/                  sandbox only: overlay upperdir and workdir (filter
+                                          flavour: links into scratch/)
+        sandbox.img  scratch/           sandbox only, filter flavour: its own file system of
+                                          the sandbox's size, and where it is mounted
+                                          (see pyhcs._layers._sandbox_size)
         rootfs/                         sandbox only: where prepare_layer makes the
                                           container's root (overlay mount point; for the
                                           diff flavour a full copy of the chain)
@@ -33,7 +37,18 @@ Kinds: ``base`` (no parent: imported rootfs, or ``create_layer`` without parent)
 digit, unique per registry.
 
 Archives are imported by a streaming extractor that refuses anything that could write
-outside ``fs/`` (see :mod:`pyhcs._layers._extract` for the rules and limits).
+outside ``fs/`` (see :mod:`pyhcs._layers._extract` for the rules, limits and xattr
+policy). Layers move in and out entry by entry (:func:`new_layer_reader`,
+:func:`new_layer_writer`, :mod:`pyhcs._layers._stream`), as deterministic OCI tars
+(:func:`export_layer_to_tar`, :func:`import_layer_from_tar`: plain, gzip, zstd) or in
+pyhcs's folder transport format (:func:`export_layer`, :func:`import_layer`; see
+:mod:`pyhcs._layers._transport`). Parent chains longer than one overlay mount's options
+allow are mounted with the new mount API (:mod:`pyhcs._layers._overlay`).
+
+Crash safety: every temporary folder (``.tmp-*``, ``.trash-*``) is locked (flock) by the
+process filling it; the next operation that creates a folder in the home removes those
+whose process died, so a ``kill -9`` mid-import leaves nothing registered and nothing that
+outlives the next store operation.
 
 Images (:func:`import_image`, :func:`resolve_image`...) name layer chains and carry an
 image config; :func:`ensure_busybox_image` builds a small real image from the host's
@@ -45,12 +60,20 @@ from __future__ import annotations
 from pyhcs._layers._busybox import BUSYBOX_CONFIG, build_busybox_tar, ensure_busybox_image
 from pyhcs._layers._extract import DEFAULT_MAX_SIZE, MAX_ENTRIES, MAX_HEADER_SIZE
 from pyhcs._layers._images import (
+    IMAGE_CONFIG_KEYS,
+    ImageArchiveError,
     ImageInfo,
     ImageNotFoundError,
+    ProgressCallback,
     import_image,
     list_images,
     remove_image,
     resolve_image,
+)
+from pyhcs._layers._sandbox_size import (
+    MIN_SANDBOX_SIZE,
+    expand_sandbox_size,
+    get_sandbox_size,
 )
 from pyhcs._layers._store import (
     DIFF_DRIVER,
@@ -72,18 +95,36 @@ from pyhcs._layers._store import (
     process_utility_vm_image,
     unprepare_layer,
 )
+from pyhcs._layers._stream import EntryType, LayerEntry, LayerReader, LayerWriter
+from pyhcs._layers._transport import (
+    TarExport,
+    export_layer,
+    export_layer_to_tar,
+    import_layer,
+    new_layer_reader,
+    new_layer_writer,
+)
 
 __all__ = [
     "BUSYBOX_CONFIG",
     "DEFAULT_MAX_SIZE",
     "DIFF_DRIVER",
     "FILTER_DRIVER",
+    "IMAGE_CONFIG_KEYS",
     "MAX_ENTRIES",
     "MAX_HEADER_SIZE",
+    "MIN_SANDBOX_SIZE",
     "DriverInfo",
+    "EntryType",
+    "ImageArchiveError",
     "ImageInfo",
     "ImageNotFoundError",
     "LayerDescriptor",
+    "LayerEntry",
+    "LayerReader",
+    "LayerWriter",
+    "ProgressCallback",
+    "TarExport",
     "activate_layer",
     "build_busybox_tar",
     "create_layer",
@@ -91,13 +132,20 @@ __all__ = [
     "deactivate_layer",
     "destroy_layer",
     "ensure_busybox_image",
+    "export_layer",
+    "export_layer_to_tar",
+    "expand_sandbox_size",
     "get_layer_mount_path",
+    "get_sandbox_size",
     "get_shared_base_images",
     "import_image",
+    "import_layer",
     "import_layer_from_tar",
     "layer_exists",
     "layer_paths_to_descriptors",
     "list_images",
+    "new_layer_reader",
+    "new_layer_writer",
     "prepare_layer",
     "process_base_layer",
     "process_utility_vm_image",

@@ -1,30 +1,44 @@
 """A streaming, hostile-archive-proof extractor for OCI layer tars.
 
 The archive is read once, front to back (``tarfile`` in ``'r|'`` stream mode over our own
-decompressor), and every entry is written through directory file descriptors opened with
-``O_NOFOLLOW``, so nothing the archive says can make a write land outside the destination:
+decompressor), and every entry is written by :class:`TreeBuilder` through directory file
+descriptors opened with ``O_NOFOLLOW``, so nothing the archive says can make a write land
+outside the destination:
 
-* names that are absolute, contain ``..``, exceed PATH_MAX / NAME_MAX, or hold a NUL are
-  rejected;
+* names that are absolute, contain ``..``, reach PATH_MAX (4096 bytes) or exceed NAME_MAX,
+  or hold a NUL are rejected;
 * an entry whose parent path meets a symlink (or a non-directory) is rejected, so
   ``evil -> /victim`` followed by ``evil/pwned`` fails instead of writing into ``/victim``;
+  a later entry of the same name replaces (never follows) an earlier one, whatever the
+  types: a directory replacing a symlink is a fresh directory;
 * hard links must name an entry already in this archive, reached without symlinks;
 * device nodes are rejected, except character 0:0 (an overlay whiteout); FIFOs are allowed;
-* OCI whiteouts ``.wh.NAME`` become overlay whiteouts (char 0:0 ``NAME``) and
-  ``.wh..wh..opq`` becomes ``trusted.overlay.opaque=y`` on the directory; malformed
-  whiteout names (``.wh.``, ``.wh..``, ``.wh...``, unknown ``.wh..wh.*``) are rejected;
-* the bytes extracted are bounded by *max_size* (file data plus any bytes after the end
-  of the archive), the entry count by :data:`MAX_ENTRIES`, and tar metadata records
-  (pax / GNU long names) by :data:`MAX_HEADER_SIZE`, so a compression bomb stops early;
-* a stream that ends without the end-of-archive marker, a corrupt header, a short member,
-  or a gzip stream that is truncated or fails its CRC is an error, never a silent
-  partial layer.
+  containers get their ``/dev`` from the runtime, never from an image;
+* OCI whiteouts ``.wh.NAME`` become overlay whiteouts (char 0:0 ``NAME``, which removes
+  just that name in the merged view: a whiteout of a symlink hides the link, not its
+  target) and ``.wh..wh..opq`` becomes ``trusted.overlay.opaque=y`` on the directory;
+  malformed whiteout names (``.wh.``, ``.wh..``, ``.wh...``, unknown ``.wh..wh.*``, a
+  whiteout used as a directory) are rejected;
+* **expansion limit**: the uncompressed archive stream (headers, data, padding, anything
+  after the end marker) may be at most *max_size* bytes (default :data:`DEFAULT_MAX_SIZE`,
+  64 GiB), and the file data announced by headers is charged before it is read, so a gzip
+  or zstd bomb stops at the limit with only that much work done; entries are bounded by
+  :data:`MAX_ENTRIES` and tar metadata records (pax / GNU long names) by
+  :data:`MAX_HEADER_SIZE`; zstd frames may not ask for a window over 128 MiB;
+* a stream that ends without the end-of-archive marker, a corrupt header, a short member
+  (a size field that lies), or a gzip/zstd stream that is truncated or fails its checksum
+  is an error, never a silent partial layer.
 
 Symlink targets are stored verbatim (an absolute target such as ``/usr/lib`` is resolved
-only inside the container's root) and are never followed here. Modes (setuid included),
-numeric owners and modification times are kept; xattrs are taken only from the ``user.``
-namespace and ``security.capability``: ``trusted.*`` (overlay's own metadata) never comes
-from an archive.
+only inside the container's root) and are never followed here. Modes (setuid included:
+the layer home is 0700, so only root reaches them), numeric owners and modification
+times (nanoseconds, via pax) are kept; directories no entry describes get 0755, 0:0 and
+mtime 0, so one archive always gives one tree.
+
+**xattr policy.** Taken from an archive (pax ``SCHILY.xattr.*``): the ``user.`` namespace
+and ``security.capability``. Dropped: everything else, in particular ``trusted.*`` (so an
+archive can never forge overlayfs metadata such as ``trusted.overlay.redirect``; opacity
+comes only from ``.wh..wh..opq``), LSM labels (``security.selinux``...) and POSIX ACLs.
 
 Errors are raised as :class:`ArchiveError` (or ``OSError`` from the file system); the
 layer store turns both into ``LayerError`` and discards the partial extraction.
@@ -48,12 +62,14 @@ from typing import IO, Any, BinaryIO, Self
 from pyhcs._layers._fsops import (
     DIR_FLAGS,
     OPAQUE_XATTR,
+    DirCache,
     UnsafePathError,
     lstat_at,
     open_dir_beneath,
     remove_entry,
     write_all,
 )
+from pyhcs._layers._zstd import ZstdError, ZstdReader
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -61,7 +77,12 @@ __all__ = [
     "MAX_HEADER_SIZE",
     "ArchiveError",
     "ExtractResult",
+    "Meta",
+    "TreeBuilder",
+    "check_entry_name",
+    "check_ids",
     "extract_tar",
+    "split",
 ]
 
 #: Default bound on the bytes one archive may expand to (64 GiB).
@@ -100,6 +121,8 @@ class ExtractResult:
     size: int
     #: Entries processed.
     entries: int
+    #: sha256 (hex) of the uncompressed tar (OCI's "diff id"); the digest for a plain tar.
+    diff_id: str = ""
 
 
 class _HashingRaw(io.RawIOBase):
@@ -132,8 +155,11 @@ class _HashingRaw(io.RawIOBase):
         return n
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def _decompressor(buffered: io.BufferedReader[_HashingRaw]) -> io.BufferedIOBase:
-    """Wrap *buffered* in the decompressor its magic names (gzip, bzip2, xz) or none."""
+    """Wrap *buffered* in the decompressor its magic names (gzip, zstd, bzip2, xz) or none."""
     magic = buffered.peek(6)[:6]
     # These decompressors read strictly forward, check the stream's own integrity (gzip's
     # CRC and length, xz/bzip2 checks) and raise EOFError on a truncated stream.
@@ -143,9 +169,41 @@ def _decompressor(buffered: io.BufferedReader[_HashingRaw]) -> io.BufferedIOBase
         return bz2.BZ2File(buffered)
     if magic.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(buffered)
-    if magic.startswith(b"\x28\xb5\x2f\xfd"):
-        raise ArchiveError("zstd-compressed layers are not supported; use gzip or plain tar")
+    if magic.startswith(_ZSTD_MAGIC):
+        try:
+            return io.BufferedReader(ZstdReader(buffered), _CHUNK)
+        except ZstdError as e:
+            raise ArchiveError(str(e)) from None
     return buffered
+
+
+class _Limited(io.RawIOBase):
+    """The uncompressed archive stream, counted (and hashed, for the diff id) as ``tarfile``
+    reads it: past *limit* bytes it raises, so a compression bomb stops at the limit."""
+
+    def __init__(self, src: io.BufferedIOBase, limit: int, hashed: bool) -> None:
+        super().__init__()
+        self._src = src
+        self._limit = limit
+        self.count = 0
+        self.hash = hashlib.sha256() if hashed else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        n = self._src.readinto(view)
+        if not n:
+            return 0
+        self.count += n
+        if self.count > self._limit:
+            raise ArchiveError(
+                f"archive expands beyond the {self._limit}-byte limit (max_size)"
+            )
+        if self.hash is not None:
+            self.hash.update(view[:n])
+        return n
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -199,8 +257,9 @@ def _show(name: str) -> str:
     return repr(name if len(name) <= 120 else name[:100] + "...")
 
 
-def _split(name: str, what: str) -> tuple[bytes, ...]:
-    """Split an archive path into components, rejecting anything that could escape."""
+def split(name: str, what: str) -> tuple[bytes, ...]:
+    """Split a layer path into components, rejecting anything that could escape: absolute
+    names, ``..``, NUL bytes, names of PATH_MAX bytes or more, components over NAME_MAX."""
     raw = os.fsencode(name)
     if b"\x00" in raw:
         raise ArchiveError(f"{what} {_show(name)} contains a NUL byte")
@@ -218,6 +277,12 @@ def _split(name: str, what: str) -> tuple[bytes, ...]:
 
 
 def _mtime_ns(m: tarfile.TarInfo) -> int:
+    exact = m.pax_headers.get("mtime")
+    if exact is not None:
+        # tarfile turns the pax record into a float, which drops nanoseconds.
+        ns = _decimal_ns(exact)
+        if ns is not None:
+            return max(-_NS_MAX, min(_NS_MAX, ns))
     try:
         ns = int(m.mtime * 1_000_000_000)
     except (OverflowError, ValueError):
@@ -225,31 +290,214 @@ def _mtime_ns(m: tarfile.TarInfo) -> int:
     return max(-_NS_MAX, min(_NS_MAX, ns))
 
 
+def _decimal_ns(text: str) -> int | None:
+    """Nanoseconds from a pax time record (``[-]seconds[.fraction]``), or None."""
+    neg = text.startswith("-")
+    sec, _, frac = text.removeprefix("-").partition(".")
+    if not sec.isdigit() or len(sec) > 12 or (frac and not frac.isdigit()):
+        return None
+    ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    return -ns if neg else ns
+
+
 @dataclass
-class _DirMeta:
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
+class Meta:
+    """Owner, permission bits (setuid/setgid/sticky included), mtime and xattrs of an entry."""
+
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def check_ids(uid: int, gid: int, what: str) -> None:
+    """Refuse an owner ``chown`` would misread (``-1`` means "unchanged" to it)."""
+    if not (0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX):
+        raise ArchiveError(f"{what}: invalid owner {uid}:{gid}")
+
+
+class TreeBuilder:
+    """Writes a layer's entries below *root_fd*, never through a symlink.
+
+    The one place that creates layer content from untrusted descriptions (tar import, the
+    streaming layer writer): paths come as components already checked by :func:`split`,
+    every parent is opened component by component with ``O_NOFOLLOW``, an existing entry is
+    removed (not followed) before a new one takes its name, and directory metadata is
+    applied only in :meth:`finish`, so a read-only directory still accepts its children.
+    Directories that no entry describes (implicit parents, the root) get mode 0755,
+    owner 0:0 and mtime 0, so the same entries always make the same tree.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self.cache = DirCache(root_fd)
+        self.dirs: dict[tuple[bytes, ...], Meta] = {(): Meta()}
+
+    def close(self) -> None:
+        self.cache.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def parent(self, parts: tuple[bytes, ...]) -> int:
+        """The directory holding *parts*' last component, made if missing (borrowed fd)."""
+        anc = parts[:-1]
+        if anc not in self.dirs:
+            for i in range(1, len(anc) + 1):
+                self.dirs.setdefault(anc[:i], Meta())
+        return self.cache.get(anc, create=True)
+
+    def lstat(self, parts: tuple[bytes, ...]) -> os.stat_result | None:
+        """lstat of *parts*, or None if it (or a parent directory) does not exist."""
+        try:
+            fd = self.cache.get(parts[:-1])
+        except (FileNotFoundError, UnsafePathError):
+            return None
+        return lstat_at(fd, parts[-1])
+
+    def clear(self, pfd: int, parts: tuple[bytes, ...], keep_dir: bool = False) -> bool:
+        """Remove what is at *parts* so a new entry can take its place (tar semantics: the
+        later entry wins). Returns True if a directory was kept (when *keep_dir*)."""
+        st = lstat_at(pfd, parts[-1])
+        if st is None:
+            return False
+        if keep_dir and stat.S_ISDIR(st.st_mode):
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            n = len(parts)
+            for k in [k for k in self.dirs if k[:n] == parts]:
+                del self.dirs[k]
+            self.cache.forget(parts)
+        remove_entry(pfd, parts[-1], st)
+        return False
+
+    @staticmethod
+    def apply(fd: int, meta: Meta) -> None:
+        """Owner, mode, xattrs, times on an open file or directory."""
+        # chown clears setuid/setgid and file capabilities, so it comes first.
+        os.fchown(fd, meta.uid, meta.gid)
+        os.fchmod(fd, meta.mode)
+        for k, v in meta.xattrs.items():
+            os.setxattr(fd, k, v)
+        os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+
+    # -- entries -----------------------------------------------------------------------------
+
+    def mkdir(self, parts: tuple[bytes, ...], meta: Meta) -> None:
+        if not parts:
+            self.dirs[()] = meta
+            return
+        pfd = self.parent(parts)
+        if not self.clear(pfd, parts, keep_dir=True):
+            os.mkdir(parts[-1], 0o700, dir_fd=pfd)
+        self.dirs[parts] = meta
+
+    def create_file(self, parts: tuple[bytes, ...]) -> int:
+        """Create the regular file *parts* (empty, 0600) and return its fd (caller closes;
+        call :meth:`apply` once its data is written)."""
+        pfd = self.parent(parts)
+        self.clear(pfd, parts)
+        return os.open(
+            parts[-1],
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
+
+    def symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:
+        if not target or b"\x00" in target or len(target) >= _PATH_MAX:
+            raise ArchiveError(f"{_show_parts(parts)}: invalid symlink target")
+        pfd = self.parent(parts)
+        self.clear(pfd, parts)
+        # Stored verbatim, never followed: an absolute target is resolved only inside the
+        # container's root.
+        os.symlink(target, parts[-1], dir_fd=pfd)
+        os.chown(parts[-1], meta.uid, meta.gid, dir_fd=pfd, follow_symlinks=False)
+        os.utime(parts[-1], ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def hardlink(self, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
+        """Link *parts* to the existing non-directory *target* of this tree."""
+        shown = _show_parts(parts)
+        if not target:
+            raise ArchiveError(f"{shown}: hard link to the layer root")
+        if target == parts:
+            raise ArchiveError(f"{shown}: hard link to itself")
+        missing = f"{shown}: hard link target {_show_parts(target)} is not in this layer"
+        try:
+            tfd = self.cache.get(target[:-1])
+        except FileNotFoundError:
+            raise ArchiveError(missing) from None
+        tst = lstat_at(tfd, target[-1])
+        if tst is None:
+            raise ArchiveError(missing)
+        if stat.S_ISDIR(tst.st_mode):
+            raise ArchiveError(f"{shown}: hard link to a directory")
+        if target[:-1] == parts[:-1] or len(target) == 1:
+            tfd = os.dup(tfd)
+        else:
+            tfd = open_dir_beneath(self.cache.root_fd, target[:-1])
+        try:
+            pfd = self.parent(parts)
+            self.clear(pfd, parts)
+            # follow_symlinks=False: a link to a symlink links the symlink itself.
+            os.link(target[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(tfd)
+
+    def mknod(self, parts: tuple[bytes, ...], kind: int, rdev: int, meta: Meta) -> None:
+        pfd = self.parent(parts)
+        self.clear(pfd, parts)
+        os.mknod(parts[-1], kind | 0o600, rdev, dir_fd=pfd)
+        os.chown(parts[-1], meta.uid, meta.gid, dir_fd=pfd, follow_symlinks=False)
+        # Just made, in a directory no one else writes to: chmod by name cannot be
+        # redirected (Linux has no lchmod).
+        os.chmod(parts[-1], meta.mode, dir_fd=pfd)
+        os.utime(parts[-1], ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def whiteout(self, parts: tuple[bytes, ...], mtime_ns: int = 0) -> None:
+        """An overlay whiteout (char 0:0, mode 0, owner 0:0) at *parts*."""
+        self.mknod(parts, stat.S_IFCHR, os.makedev(0, 0), Meta(0, 0, 0, mtime_ns))
+
+    def opaque(self, parts: tuple[bytes, ...]) -> None:
+        """Mark the directory *parts* opaque (made if missing)."""
+        if parts:
+            self.parent(parts)
+            self.dirs.setdefault(parts, Meta())
+        fd = self.cache.get(parts, create=True)
+        os.setxattr(fd, OPAQUE_XATTR, b"y")
+
+    def finish(self) -> None:
+        """Apply directory owners, modes, xattrs and times, now that their children exist."""
+        for parts in sorted(self.dirs):
+            try:
+                fd = self.cache.get(parts)
+            except (FileNotFoundError, UnsafePathError):
+                continue  # replaced by a later entry
+            self.apply(fd, self.dirs[parts])
+
+
+def _show_parts(parts: tuple[bytes, ...]) -> str:
+    return _show(os.fsdecode(b"/".join(parts)) or ".")
+
+
+def check_entry_name(parts: tuple[bytes, ...], name: str) -> None:
+    """Refuse whiteout-looking names for real entries (they mean deletions, not files)."""
+    for p in parts:
+        if p.startswith(_WH_PREFIX):
+            raise ArchiveError(f"entry {_show(name)}: a name starting with '.wh.' is reserved "
+                               "for whiteouts")
 
 
 @dataclass
 class _Extractor:
-    root_fd: int
+    builder: TreeBuilder
     max_size: int
     size: int = 0
     entries: int = 0
-    dirs: dict[tuple[bytes, ...], _DirMeta] = field(default_factory=dict)
-
-    # -- accounting ------------------------------------------------------------------------
 
     def charge(self, n: int) -> None:
         self.size += n
         if self.size > self.max_size:
             raise ArchiveError(f"archive expands beyond the {self.max_size}-byte limit (max_size)")
-
-    # -- entries -----------------------------------------------------------------------------
 
     def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         self.entries += 1
@@ -260,13 +508,14 @@ class _Extractor:
             self.charge(max(0, m.size))
         if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
             raise ArchiveError(f"{_show(m.name)}: GNU sparse files are not supported in layers")
-        parts = _split(m.name, "entry name")
+        parts = split(m.name, "entry name")
+        b = self.builder
         if not parts:
             if not m.isdir():
                 raise ArchiveError(
                     f"entry {_show(m.name)} names the layer root but is not a directory"
                 )
-            self.dirs[()] = self._dir_meta(m)
+            b.mkdir((), self._meta(m))
             return
         if parts[0] in _AUFS_META:
             return  # aufs bookkeeping: skipped, as docker does
@@ -275,7 +524,7 @@ class _Extractor:
                 raise ArchiveError(f"entry {_show(m.name)}: a whiteout name cannot be a directory")
         base = parts[-1]
         if base == _WH_OPAQUE:
-            self._opaque(parts[:-1])
+            b.opaque(parts[:-1])
             return
         if base.startswith(_WH_META):
             raise ArchiveError(f"entry {_show(m.name)}: unknown whiteout metadata name")
@@ -283,21 +532,21 @@ class _Extractor:
             target = base[len(_WH_PREFIX) :]
             if target in (b"", b".", b".."):
                 raise ArchiveError(f"entry {_show(m.name)}: malformed whiteout name")
-            self._whiteout(parts[:-1], target)
+            b.whiteout((*parts[:-1], target), _mtime_ns(m))
             return
-        self._check_ids(m)
+        meta = self._meta(m)
         if m.isdir():
-            self._dir(parts, m)
+            b.mkdir(parts, meta)
         elif m.isreg():
-            self._file(tf, parts, m)
+            self._file(tf, parts, m, meta)
         elif m.issym():
-            self._symlink(parts, m)
+            b.symlink(parts, os.fsencode(m.linkname), meta)
         elif m.islnk():
-            self._hardlink(parts, m)
+            b.hardlink(parts, split(m.linkname, f"hard link target of {_show(m.name)}"))
         elif m.ischr() and m.devmajor == 0 and m.devminor == 0:
-            self._mknod(parts, stat.S_IFCHR, 0, m)
+            b.whiteout(parts, meta.mtime_ns)
         elif m.isfifo():
-            self._mknod(parts, stat.S_IFIFO, stat.S_IMODE(m.mode), m)
+            b.mknod(parts, stat.S_IFIFO, 0, meta)
         elif m.ischr() or m.isblk():
             kind = "block" if m.isblk() else "character"
             raise ArchiveError(
@@ -308,56 +557,14 @@ class _Extractor:
             raise ArchiveError(f"entry {_show(m.name)}: unsupported tar entry type {m.type!r}")
 
     @staticmethod
-    def _check_ids(m: tarfile.TarInfo) -> None:
-        if not (0 <= m.uid <= _ID_MAX and 0 <= m.gid <= _ID_MAX):
-            raise ArchiveError(f"entry {_show(m.name)}: invalid owner {m.uid}:{m.gid}")
+    def _meta(m: tarfile.TarInfo) -> Meta:
+        check_ids(m.uid, m.gid, f"entry {_show(m.name)}")
+        return Meta(stat.S_IMODE(m.mode), m.uid, m.gid, _mtime_ns(m), _xattrs(m))
 
-    def _dir_meta(self, m: tarfile.TarInfo) -> _DirMeta:
-        self._check_ids(m)
-        return _DirMeta(stat.S_IMODE(m.mode), m.uid, m.gid, _mtime_ns(m), _xattrs(m))
-
-    def _parent(self, parts: tuple[bytes, ...]) -> int:
-        """Open (creating as needed) the directory holding *parts*' last component."""
-        return open_dir_beneath(self.root_fd, parts[:-1], create=True)
-
-    def _clear(self, parent_fd: int, parts: tuple[bytes, ...], keep_dir: bool = False) -> bool:
-        """Remove what is at *parts* so a new entry can take its place (tar semantics: the
-        later entry wins). Returns True if a directory was kept (when *keep_dir*)."""
-        st = lstat_at(parent_fd, parts[-1])
-        if st is None:
-            return False
-        if keep_dir and stat.S_ISDIR(st.st_mode):
-            return True
-        if stat.S_ISDIR(st.st_mode):
-            n = len(parts)
-            for k in [k for k in self.dirs if k[:n] == parts]:
-                del self.dirs[k]
-        remove_entry(parent_fd, parts[-1], st)
-        return False
-
-    def _dir(self, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
-        pfd = self._parent(parts)
-        try:
-            if not self._clear(pfd, parts, keep_dir=True):
-                # Final mode, owner and times are applied at the end (see finish): a
-                # read-only directory must still accept its children.
-                os.mkdir(parts[-1], 0o700, dir_fd=pfd)
-        finally:
-            os.close(pfd)
-        self.dirs[parts] = self._dir_meta(m)
-
-    def _file(self, tf: tarfile.TarFile, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
-        pfd = self._parent(parts)
-        try:
-            self._clear(pfd, parts)
-            fd = os.open(
-                parts[-1],
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=pfd,
-            )
-        finally:
-            os.close(pfd)
+    def _file(
+        self, tf: tarfile.TarFile, parts: tuple[bytes, ...], m: tarfile.TarInfo, meta: Meta
+    ) -> None:
+        fd = self.builder.create_file(parts)
         try:
             src = tf.extractfile(m)
             if src is None:  # pragma: no cover - isreg() members always have data
@@ -369,116 +576,11 @@ class _Extractor:
                     break
                 write_all(fd, chunk)
                 written += len(chunk)
-                if written > m.size:  # pragma: no cover - tarfile bounds the member
-                    raise ArchiveError(f"entry {_show(m.name)}: more data than its header says")
             if written != m.size:
                 raise ArchiveError(f"entry {_show(m.name)}: archive is truncated inside its data")
-            # chown clears setuid/setgid and file capabilities, so it comes first.
-            os.fchown(fd, m.uid, m.gid)
-            os.fchmod(fd, stat.S_IMODE(m.mode))
-            for k, v in _xattrs(m).items():
-                os.setxattr(fd, k, v)
-            mt = _mtime_ns(m)
-            os.utime(fd, ns=(mt, mt))
+            TreeBuilder.apply(fd, meta)
         finally:
             os.close(fd)
-
-    def _symlink(self, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
-        target = os.fsencode(m.linkname)
-        if not target or b"\x00" in target or len(target) >= _PATH_MAX:
-            raise ArchiveError(f"entry {_show(m.name)}: invalid symlink target")
-        pfd = self._parent(parts)
-        try:
-            self._clear(pfd, parts)
-            # Stored verbatim, never followed: an absolute target is resolved only inside
-            # the container's root.
-            os.symlink(target, parts[-1], dir_fd=pfd)
-            os.chown(parts[-1], m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-            mt = _mtime_ns(m)
-            os.utime(parts[-1], ns=(mt, mt), dir_fd=pfd, follow_symlinks=False)
-        finally:
-            os.close(pfd)
-
-    def _hardlink(self, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
-        target = _split(m.linkname, f"hard link target of {_show(m.name)}")
-        if not target:
-            raise ArchiveError(f"entry {_show(m.name)}: hard link to the layer root")
-        if target == parts:
-            raise ArchiveError(f"entry {_show(m.name)}: hard link to itself")
-        try:
-            tfd = open_dir_beneath(self.root_fd, target[:-1])
-        except FileNotFoundError:
-            raise ArchiveError(
-                f"entry {_show(m.name)}: hard link target {m.linkname!r} is not in this layer"
-            ) from None
-        try:
-            tst = lstat_at(tfd, target[-1])
-            if tst is None:
-                raise ArchiveError(
-                    f"entry {_show(m.name)}: hard link target {m.linkname!r} is not in this layer"
-                )
-            if stat.S_ISDIR(tst.st_mode):
-                raise ArchiveError(f"entry {_show(m.name)}: hard link to a directory")
-            pfd = self._parent(parts)
-            try:
-                self._clear(pfd, parts)
-                # follow_symlinks=False: a link to a symlink links the symlink itself.
-                os.link(
-                    target[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False
-                )
-            finally:
-                os.close(pfd)
-        finally:
-            os.close(tfd)
-
-    def _mknod(self, parts: tuple[bytes, ...], kind: int, mode: int, m: tarfile.TarInfo) -> None:
-        pfd = self._parent(parts)
-        try:
-            self._clear(pfd, parts)
-            os.mknod(parts[-1], kind | 0o600, 0, dir_fd=pfd)
-            os.chown(parts[-1], m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-            # Just made, in a directory no one else writes to: chmod by name cannot be
-            # redirected (Linux has no lchmod).
-            os.chmod(parts[-1], mode, dir_fd=pfd)
-            mt = _mtime_ns(m)
-            os.utime(parts[-1], ns=(mt, mt), dir_fd=pfd, follow_symlinks=False)
-        finally:
-            os.close(pfd)
-
-    def _whiteout(self, parent: tuple[bytes, ...], name: bytes) -> None:
-        parts = (*parent, name)
-        pfd = open_dir_beneath(self.root_fd, parent, create=True)
-        try:
-            self._clear(pfd, parts)
-            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
-            os.chown(name, 0, 0, dir_fd=pfd, follow_symlinks=False)
-        finally:
-            os.close(pfd)
-
-    def _opaque(self, parts: tuple[bytes, ...]) -> None:
-        fd = open_dir_beneath(self.root_fd, parts, create=True)
-        try:
-            os.setxattr(fd, OPAQUE_XATTR, b"y")
-        finally:
-            os.close(fd)
-
-    # -- the end -----------------------------------------------------------------------------
-
-    def finish(self) -> None:
-        """Apply directory owners, modes, xattrs and times, now that their children exist."""
-        for parts, meta in self.dirs.items():
-            try:
-                fd = open_dir_beneath(self.root_fd, parts)
-            except (FileNotFoundError, UnsafePathError):
-                continue  # replaced by a later entry
-            try:
-                os.fchown(fd, meta.uid, meta.gid)
-                os.fchmod(fd, meta.mode)
-                for k, v in meta.xattrs.items():
-                    os.setxattr(fd, k, v)
-                os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
-            finally:
-                os.close(fd)
 
 
 def _xattrs(m: tarfile.TarInfo) -> dict[bytes, bytes]:
@@ -490,14 +592,6 @@ def _xattrs(m: tarfile.TarInfo) -> dict[bytes, bytes]:
         if name in _KEPT_XATTRS or name.startswith(_KEPT_XATTR_PREFIXES):
             out[name.encode("utf-8", "surrogateescape")] = value.encode("utf-8", "surrogateescape")
     return out
-
-
-def _drain(r: io.BufferedIOBase, ex: _Extractor) -> None:
-    while True:
-        b = r.read(_CHUNK)
-        if not b:
-            return
-        ex.charge(len(b))
 
 
 def extract_tar(
@@ -513,14 +607,16 @@ def extract_tar(
     if max_size < 0:
         raise ValueError("max_size must not be negative")
     root_fd = os.open(dest_dir, DIR_FLAGS)
+    builder = TreeBuilder(root_fd)
     try:
         raw = _HashingRaw(source)
         buffered = io.BufferedReader(raw, _CHUNK)
-        ex = _Extractor(root_fd, max_size)
+        ex = _Extractor(builder, max_size)
         try:
             stream = _decompressor(buffered)
+            limited = _Limited(stream, max_size, hashed=stream is not buffered)
             with tarfile.open(
-                fileobj=stream,
+                fileobj=io.BufferedReader(limited, _CHUNK),
                 mode="r|",
                 tarinfo=_StrictTarInfo,
             ) as tf:
@@ -539,20 +635,26 @@ def extract_tar(
                         if e.errno == errno.ENAMETOOLONG:
                             raise ArchiveError(f"entry {_show(m.name)}: name too long") from None
                         raise
-            ex.finish()
-            # Read on to the end: it makes gzip/xz/bzip2 verify their checksums, and the
-            # digest must cover the whole archive, trailing padding included.
-            _drain(stream, ex)
+                builder.finish()
+                # Read on to the end: it makes gzip/zstd/xz/bzip2 verify their checksums,
+                # and the digests must cover the whole archive, trailing padding included.
+                fileobj = tf.fileobj
+                while fileobj.read(_CHUNK):
+                    pass
             if stream is not buffered:
-                _drain(buffered, ex)
+                while buffered.read(_CHUNK):
+                    pass
         except ArchiveError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, ZstdError) as e:
             raise ArchiveError(f"corrupt or truncated archive: {e}") from e
         except gzip.BadGzipFile as e:
             raise ArchiveError(f"corrupt gzip stream: {e}") from e
         except ValueError as e:
             raise ArchiveError(f"malformed archive: {e}") from e
-        return ExtractResult(raw.hash.hexdigest(), ex.size, ex.entries)
+        digest = raw.hash.hexdigest()
+        diff_id = limited.hash.hexdigest() if limited.hash is not None else digest
+        return ExtractResult(digest, ex.size, ex.entries, diff_id)
     finally:
+        builder.close()
         os.close(root_fd)

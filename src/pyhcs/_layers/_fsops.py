@@ -9,11 +9,11 @@ writes inside a layer even when the layer itself contains hostile symlinks. Func
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 __all__ = [
     "DIR_FLAGS",
     "OPAQUE_XATTR",
+    "DirCache",
     "UnsafePathError",
     "copy_chain",
+    "copy_file",
     "is_whiteout",
     "mount_points",
     "mounts_under",
     "open_dir",
     "open_dir_beneath",
     "remove_entry",
+    "remove_tree",
     "rename_noreplace",
     "write_all",
 ]
@@ -132,17 +135,124 @@ def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
 def remove_entry(dir_fd: int, name: bytes, st: os.stat_result | None = None) -> None:
     """Remove *name* from *dir_fd* whatever it is; a directory goes with its whole tree.
 
-    ``shutil.rmtree`` with ``dir_fd`` walks by descriptors, so a symlink inside the tree is
-    unlinked, never followed.
+    The tree is walked by descriptors, so a symlink inside it is unlinked, never followed.
     """
     if st is None:
         st = lstat_at(dir_fd, name)
         if st is None:
             return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(os.fsdecode(name), dir_fd=dir_fd)
+        _remove_dir_at(dir_fd, name)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _remove_dir_at(dir_fd: int, name: bytes) -> None:
+    """Remove the directory *name* in *dir_fd* and everything below it, never following a
+    symlink. Iterative (an explicit stack of open directories), so a tree thousands of
+    levels deep is removed where ``shutil.rmtree`` would exhaust Python's recursion limit."""
+    # Each frame: (fd of the directory, its name in the parent, names left to remove).
+    stack: list[tuple[int, bytes, list[tuple[bytes, bool]]]] = []
+
+    def push(parent: int, child: bytes) -> None:
+        fd = os.open(child, DIR_FLAGS, dir_fd=parent)
+        try:
+            with os.scandir(fd) as it:
+                names = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in it]
+        except BaseException:
+            os.close(fd)
+            raise
+        stack.append((fd, child, names))
+
+    push(dir_fd, name)
+    try:
+        while stack:
+            fd, _, names = stack[-1]
+            while names:
+                child, is_dir = names.pop()
+                if is_dir:
+                    try:
+                        push(fd, child)
+                        break
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    except OSError as e:
+                        if e.errno != errno.ELOOP:  # replaced by a symlink meanwhile
+                            raise
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(child, dir_fd=fd)
+            else:
+                fd, child, _ = stack.pop()
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(child, dir_fd=stack[-1][0] if stack else dir_fd)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def remove_tree(path: str) -> None:
+    """Remove *path* (a directory tree, a file or a symlink) if it exists, never following
+    a symlink inside it; deep trees are fine (see :func:`remove_entry`)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        remove_entry(pfd, os.fsencode(name))
+    finally:
+        os.close(pfd)
+
+
+class DirCache:
+    """Open directory descriptors below one root, reused between nearby lookups.
+
+    Streams (tar archives, layer walks) visit paths in tree order, so most lookups share a
+    long prefix with a recent one; opening from the deepest cached ancestor keeps a walk of
+    a tree thousands of levels deep linear instead of quadratic, while every component is
+    still opened with ``O_NOFOLLOW``. At most *size* descriptors stay open. Descriptors
+    handed out are borrowed: valid until the next call, never closed by the caller.
+    """
+
+    def __init__(self, root_fd: int, size: int = 64) -> None:
+        self.root_fd = root_fd
+        self._size = size
+        self._fds: dict[tuple[bytes, ...], int] = {}
+
+    def get(self, parts: tuple[bytes, ...], *, create: bool = False) -> int:
+        """The directory *parts* (``()`` is the root), made if *create* (see
+        :func:`open_dir_beneath` for the rules and errors)."""
+        if not parts:
+            return self.root_fd
+        fd = self._fds.get(parts)
+        if fd is not None:
+            self._fds[parts] = self._fds.pop(parts)  # most recently used goes last
+            return fd
+        base_fd, k = self.root_fd, 0
+        for i in range(len(parts) - 1, 0, -1):
+            cached = self._fds.get(parts[:i])
+            if cached is not None:
+                base_fd, k = cached, i
+                break
+        nfd = open_dir_beneath(base_fd, parts[k:], create=create)
+        self._fds[parts] = nfd
+        while len(self._fds) > self._size:
+            oldest = next(iter(self._fds))
+            os.close(self._fds.pop(oldest))
+        return nfd
+
+    def forget(self, parts: tuple[bytes, ...]) -> None:
+        """Drop *parts* and everything below it (it was removed or replaced)."""
+        n = len(parts)
+        for k in [k for k in self._fds if k[:n] == parts]:
+            os.close(self._fds.pop(k))
+
+    def close(self) -> None:
+        """Close every cached descriptor (not the root)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -357,10 +467,18 @@ def _copy_dir(
 
 
 def _copy_file(src_dir: int, dst_dir: int, name: bytes, st: os.stat_result) -> None:
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    copy_file(src_dir, name, dst_dir, name, st)
+
+
+def copy_file(
+    src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes, st: os.stat_result
+) -> None:
+    """Copy the regular file *src_name* (whose lstat is *st*) to the new *dst_name*, with
+    its owner, mode, copyable xattrs and times; neither name is followed if a symlink."""
+    src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
     try:
         dst = os.open(
-            name,
+            dst_name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
             dir_fd=dst_dir,

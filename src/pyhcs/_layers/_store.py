@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -26,9 +25,16 @@ from pyhcs._errors import (
     NotSupportedError,
 )
 from pyhcs._guid import GUID, name_to_guid
+from pyhcs._layers import _sandbox_size  # sandbox size hooks (module import: it imports us)
 from pyhcs._layers._extract import DEFAULT_MAX_SIZE, ArchiveError, ExtractResult, extract_tar
-from pyhcs._layers._fsops import copy_chain, mounts_under, open_dir, rename_noreplace
-from pyhcs._linux import mount as _mount
+from pyhcs._layers._fsops import (
+    copy_chain,
+    mounts_under,
+    open_dir,
+    remove_tree,
+    rename_noreplace,
+)
+from pyhcs._layers._overlay import mount_overlay
 from pyhcs._linux import umount
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
@@ -79,8 +85,8 @@ _KIND_SANDBOX = "sandbox"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # overlayfs splits its options on ',' and lowerdir on ':'; rather than escape, refuse them.
 _OVERLAY_UNSAFE = re.compile(r"[,:\\\n]")
-# The mount(2) data argument is one page.
-_MOUNT_DATA_MAX = 4095
+# overlayfs's own limit on lower layers (OVL_MAX_STACK).
+_MAX_LOWERS = 500
 
 
 def _default_home() -> str:
@@ -207,14 +213,70 @@ def _ensure_home(home: str, layer_id: str, op: str) -> None:
         raise _os_error(layer_id, op, e, f"cannot create the layer home {home!r}") from e
 
 
+# Temporary folders this process is filling, each with an fd holding a flock on it: the
+# lock tells recovery (in another process) that the folder's owner is alive.
+_TEMP_LOCKS: dict[str, int] = {}
+
+
+def _hold(path: str) -> None:
+    fd = open_dir(path)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _TEMP_LOCKS[path] = fd
+
+
+def _release(path: str) -> None:
+    fd = _TEMP_LOCKS.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _discard(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    _release(path)
+    with contextlib.suppress(OSError):
+        remove_tree(path)
+
+
+def _recover(home: str) -> None:
+    """Remove the ``.tmp-*`` / ``.trash-*`` folders of operations whose process died (killed
+    mid-import, mid-create or mid-destroy): nobody holds their lock any more."""
+    try:
+        names = [n for n in os.listdir(home) if n.startswith((".tmp-", ".trash-"))]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(home, name)
+        if path in _TEMP_LOCKS:
+            continue
+        try:
+            fd = open_dir(path)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner is alive
+        try:
+            with contextlib.suppress(OSError):
+                remove_tree(path)
+        finally:
+            os.close(fd)
 
 
 def _new_temp(home: str, label: str, layer_id: str, op: str) -> str:
+    """A fresh ``<home>/.tmp-<label>-<random>`` folder, locked by this process until
+    :func:`_publish` or :func:`_discard`; stale ones of dead processes are removed first."""
     _ensure_home(home, layer_id, op)
+    _recover(home)
     try:
-        return tempfile.mkdtemp(prefix=f".tmp-{label}-", dir=home)
+        # Made under another name and locked before it is renamed to .tmp-*: recovery
+        # never sees a .tmp-* folder that is not locked by a live process.
+        new = tempfile.mkdtemp(prefix=f".new-{label}-", dir=home)
+        _hold(new)
+        path = os.path.join(home, ".tmp-" + os.path.basename(new)[len(".new-") :])
+        os.rename(new, path)
+        _TEMP_LOCKS[path] = _TEMP_LOCKS.pop(new)
+        return path
     except OSError as e:
         raise _os_error(layer_id, op, e, "cannot create a temporary folder") from e
 
@@ -263,6 +325,7 @@ def _publish(
     registry refuses. Until this returns, no one can see the layer."""
     try:
         rename_noreplace(tmp, folder)
+        _release(tmp)
     except FileExistsError as e:
         _discard(tmp)
         raise LayerError(
@@ -354,15 +417,18 @@ def import_layer_from_tar(
     *,
     max_size: int = DEFAULT_MAX_SIZE,
     roots: Roots | None = None,
+    expected_digest: str | None = None,
 ) -> str:
-    """Import an OCI layer tar (plain, gzip, bzip2 or xz; detected by magic) as *layer_id*.
+    """Import an OCI layer tar (plain, gzip, zstd, bzip2 or xz; detected by magic) as *layer_id*.
 
     *tar* is a readable binary stream (read once, to its end, never seeked) or a path.
     *parent_layer_paths* are the folders of the layers below, direct parent first; the
     layer records the first as its parent and is a base layer when there is none.
     The archive is extracted safely (see :mod:`pyhcs._layers._extract`) into a temporary
     folder that becomes ``<home_dir>/<layer_id>`` only when everything succeeded; the
-    registry row is written last. *max_size* bounds the bytes extracted.
+    registry row is written last. *max_size* bounds the uncompressed archive's length.
+    With *expected_digest* (``sha256:<hex>`` or hex) the archive's bytes must have that
+    sha256, else nothing is imported.
 
     Returns the layer's folder. Raises :class:`LayerError`: ``ERR_ALREADY_EXISTS`` if the id
     is taken, no code for a refused archive (nothing is left behind), a parent that is not
@@ -386,6 +452,15 @@ def import_layer_from_tar(
     folder = os.path.join(info.home_dir, layer_id)
     _check_absent(reg, folder, layer_id, op)
     tmp, result = _extract_to_temp(info.home_dir, layer_id, tar, max_size, layer_id, op)
+    if expected_digest is not None and expected_digest.removeprefix("sha256:") != result.digest:
+        _discard(tmp)
+        raise LayerError(
+            layer_id,
+            op,
+            None,
+            f"sha256:{result.digest}",
+            message=f"the archive's digest is not the expected {expected_digest}",
+        )
     _publish(
         reg,
         tmp,
@@ -447,6 +522,7 @@ def create_sandbox_layer(
     parent_layer_paths: Sequence[str],
     *,
     roots: Roots | None = None,
+    size_bytes: int | None = None,
 ) -> None:
     """Create the read-write (sandbox) layer *layer_id* for a container.
 
@@ -455,9 +531,17 @@ def create_sandbox_layer(
     the parent's folder. The sandbox gets ``upper/`` and ``work/`` (overlay's upper and work
     directories) and ``rootfs/``, where :func:`prepare_layer` makes the container's root.
     Its flavour is ``info.flavour`` and stays fixed. Raises :class:`LayerError`.
+
+    Filter flavour: the container can write *size_bytes* in total (None or 0: the default,
+    20 GiB; at least 32 MiB); see :mod:`pyhcs._layers._sandbox_size`. A size for a diff
+    flavour sandbox raises :class:`NotSupportedError`.
     """
     op = "CreateSandboxLayer"
     _check_id(layer_id, op)
+    # -- sandbox size hook: validate before anything is made.
+    if info.flavour == DIFF_DRIVER and size_bytes:
+        raise NotSupportedError(op, extra_info=layer_id, message="a diff sandbox has no size")
+    size = _sandbox_size.resolve_size(size_bytes, op)
     reg = _registry(roots)
     parents = _check_parent_paths(parent_layer_paths, layer_id, op)
     if parent_id:
@@ -481,6 +565,8 @@ def create_sandbox_layer(
             os.mkdir(os.path.join(tmp, name), mode)
             # The upper root becomes the container's "/": its mode must not depend on umask.
             os.chmod(os.path.join(tmp, name), mode)
+        if info.flavour == FILTER_DRIVER and size:
+            _sandbox_size.create_volume(tmp, size)  # sandbox size hook: the sized image
     except OSError as e:
         _discard(tmp)
         raise _os_error(layer_id, op, e, "cannot create the sandbox") from e
@@ -551,7 +637,9 @@ def prepare_layer(
                 "clears the stale state)",
             )
         if info.flavour == FILTER_DRIVER:
-            _mount_overlay(folder, parents, layer_id, op)
+            # sandbox size hook: upper/work live on the sandbox's own file system.
+            with _sandbox_size.volume_for_overlay(folder, layer_id, op):
+                _mount_overlay(folder, parents, layer_id, op)
         else:
             _populate_diff(folder, parents, layer_id, op)
         try:
@@ -559,6 +647,7 @@ def prepare_layer(
         except BaseException:
             if info.flavour == FILTER_DRIVER:
                 umount(os.path.join(folder, ROOTFS_DIR))
+                _sandbox_size.unmount_volume(folder, layer_id, op)  # sandbox size hook
             raise
 
 
@@ -572,17 +661,17 @@ def _mount_overlay(folder: str, parents: list[str], layer_id: str, op: str) -> N
             raise InvalidConfigError(
                 op, extra_info=p, message="overlayfs cannot take a path with ',', ':' or '\\'"
             )
-    data = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
-    if len(data.encode()) > _MOUNT_DATA_MAX:
+    if len(lowers) > _MAX_LOWERS:
         raise LayerError(
             layer_id,
             op,
             None,
             f"{len(parents)} parents",
-            message="the parent chain is too long for one overlay mount (options exceed a page)",
+            message=f"overlayfs stacks at most {_MAX_LOWERS} parent layers",
         )
     try:
-        _mount("overlay", target, "overlay", 0, data)
+        # Chains whose options exceed a page are mounted through the new mount API.
+        mount_overlay(lowers, upper, work, target)
     except OSError as e:
         raise _os_error(layer_id, op, e, "cannot mount the overlay") from e
 
@@ -595,7 +684,7 @@ def _populate_diff(folder: str, parents: list[str], layer_id: str, op: str) -> N
     rootfs = os.path.join(folder, ROOTFS_DIR)
     try:
         if os.path.lexists(tmp):
-            shutil.rmtree(tmp)  # left by an interrupted prepare
+            remove_tree(tmp)  # left by an interrupted prepare
         os.mkdir(tmp, 0o755)
         fd = open_dir(tmp)
         try:
@@ -654,6 +743,7 @@ def unprepare_layer(info: DriverInfo, layer_id: str, *, roots: Roots | None = No
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: unmounted meanwhile
                     raise _os_error(layer_id, op, e, "cannot unmount the sandbox") from e
+        _sandbox_size.unmount_volume(folder, layer_id, op)  # sandbox size hook
         reg.execute("UPDATE layers SET state = ? WHERE id = ?", (_STATE_READY, layer_id))
 
 
@@ -679,6 +769,7 @@ def destroy_layer(info: DriverInfo, id: str, *, roots: Roots | None = None) -> N
         return
     with _locked(folder, id, op):
         row = _row(reg, id)
+        _sandbox_size.clear_stale(folder, id, op)  # sandbox size hook: a killed prepare's mount
         if mounts_under(folder):
             raise _invalid_state(id, op, "the layer is prepared (mounted); unprepare it first")
         if row is not None:
@@ -690,23 +781,57 @@ def destroy_layer(info: DriverInfo, id: str, *, roots: Roots | None = None) -> N
             image = reg.query_one("SELECT name FROM images WHERE top_layer = ? LIMIT 1", (id,))
             if image is not None:
                 raise _invalid_state(id, op, f"image {image['name']!r} uses it")
+            user = _container_using(reg, id, folder)
+            if user is not None:
+                raise _invalid_state(id, op, f"container {user} uses it")
         # Move it aside first, so the id is free and the folder gone in one step even if
         # removing a large tree takes long or fails halfway.
         try:
-            trash = tempfile.mkdtemp(prefix=f".trash-{id}-", dir=os.path.dirname(folder))
+            trash = _new_temp(os.path.dirname(folder), id, id, op)
+            # Named .trash-* (recovery removes it if this process dies before it does).
+            new_name = os.path.join(os.path.dirname(trash), ".trash-" + trash.rsplit(".tmp-", 1)[1])
+            os.rename(trash, new_name)
+            _TEMP_LOCKS[new_name] = _TEMP_LOCKS.pop(trash)
+            trash = new_name
         except OSError as e:
             raise _os_error(id, op, e, "cannot remove the layer's folder") from e
         try:
             os.rename(folder, os.path.join(trash, "layer"))
         except OSError as e:
-            os.rmdir(trash)
+            _discard(trash)
             raise _os_error(id, op, e, "cannot remove the layer's folder") from e
         if row is not None:
             reg.execute("DELETE FROM layers WHERE id = ?", (id,))
     try:
-        shutil.rmtree(trash)
+        remove_tree(trash)
+        _release(trash)
     except OSError as e:
         raise _os_error(id, op, e, f"the layer is gone but {trash!r} could not be removed") from e
+
+
+def _container_using(reg: Registry, layer_id: str, folder: str) -> str | None:
+    """A live container whose layers include *folder*, or that runs on sandbox *layer_id*."""
+    real = os.path.realpath(folder)
+    rows = reg.query(
+        "SELECT id, config, state, sandbox_layer, layer_home FROM containers"
+        " WHERE state IN ('creating', 'created', 'running', 'paused')"
+    )
+    for r in rows:
+        if (
+            r["sandbox_layer"] == layer_id
+            and r["state"] in ("running", "paused")
+            and os.path.realpath(os.path.join(r["layer_home"], layer_id)) == real
+        ):
+            return str(r["id"])
+        try:
+            layers = json.loads(r["config"]).get("Layers") or []
+        except (ValueError, AttributeError):
+            continue
+        for layer in layers:
+            path = layer.get("Path") if isinstance(layer, dict) else None
+            if isinstance(path, str) and path and os.path.realpath(_layer_folder(path)) == real:
+                return str(r["id"])
+    return None
 
 
 def _adjust_activations(folder: str, delta: int, layer_id: str, op: str) -> int:

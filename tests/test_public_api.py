@@ -31,6 +31,15 @@ SEED_FUNCTIONS = {
     "GetContainers": "get_containers",
     "NameToGuid": "name_to_guid",
     "NewGUID": "new_guid",
+    "ExpandSandboxSize": "expand_sandbox_size",
+    "ExportLayer": "export_layer",
+    "ImportLayer": "import_layer",
+    "NewLayerReader": "new_layer_reader",
+    "NewLayerWriter": "new_layer_writer",
+    "SetCurrentThreadCompartmentId": "set_current_thread_compartment_id",
+    "HNSNetworkRequest": "hns_network_request",
+    "HNSListNetworkRequest": "hns_list_network_request",
+    "HNSEndpointRequest": "hns_endpoint_request",
 }
 SEED_TYPES = [
     "ComputeSystemQuery", "Container", "ContainerConfig", "ContainerError",
@@ -38,7 +47,7 @@ SEED_TYPES = [
     "HvRuntime", "Layer", "MacPool", "MappedDir", "MemoryStats", "NatPolicy", "NetworkStats",
     "PaPolicy", "Process", "ProcessConfig", "ProcessError", "ProcessListItem",
     "ProcessorStats", "QosPolicy", "Statistics", "StorageStats", "Subnet", "VlanPolicy",
-    "VsidPolicy",
+    "VsidPolicy", "LayerReader", "LayerWriter", "LayerDescriptor",
 ]
 CONTAINER_METHODS = ["start", "shutdown", "terminate", "wait", "wait_timeout", "pause",
                      "resume", "has_pending_updates", "statistics", "process_list",

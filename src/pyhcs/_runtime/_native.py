@@ -171,8 +171,8 @@ _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
               ("ptmx", "pts/ptmx"))
 
 
-def _setup_dev(root: str) -> None:
-    dev = os.path.join(root, "dev")
+def _setup_dev(dev: str) -> None:
+    """Device nodes and links in *dev*, the fresh tmpfs just mounted at the root's /dev."""
     old = os.umask(0)
     try:
         for name, major, minor in _DEVICES:
@@ -183,7 +183,8 @@ def _setup_dev(root: str) -> None:
         os.symlink(target, os.path.join(dev, name))
 
 
-def _mount_one(root: str, m: dict[str, Any]) -> None:
+def _mount_one(root: str, m: dict[str, Any]) -> str:
+    """Make the mount *m* inside *root*; return the host path it was mounted on."""
     dest = m["destination"]
     mtype = m.get("type", "")
     flags, data = _parse_options(m.get("options", []))
@@ -194,11 +195,17 @@ def _mount_one(root: str, m: dict[str, Any]) -> None:
         if flags & ~(L.MS_BIND | L.MS_REC):
             L.mount(None, target, None,
                     L.MS_BIND | L.MS_REMOUNT | (flags & ~(L.MS_BIND | L.MS_REC)), None)
-        return
+        return target
     target = _mkdir_in(root, dest)
+    # An image whose /dev, /proc or /sys is a symlink would have its kernel filesystems
+    # (and /dev's nodes) land elsewhere: refused, as runc does (secure_join already walked
+    # the path, so this costs no syscall).
+    if target != os.path.normpath(os.path.join(root, dest.lstrip("/"))):
+        raise OSError(errno.ELOOP, "the image has a symlink on the mount path", dest)
     if mtype == "proc":
-        return  # mounted by the container's pid 1, which is inside the pid namespace
+        return target  # mounted by the container's pid 1, which is inside the pid namespace
     L.mount(m.get("source", mtype), target, mtype, flags, data or None)
+    return target
 
 
 def _bring_up_loopback() -> None:
@@ -215,9 +222,9 @@ def _setup_rootfs(spec: dict[str, Any]) -> None:
     L.mount(None, "/", None, L.MS_REC | L.MS_SLAVE, None)
     L.mount(root, root, None, L.MS_BIND | L.MS_REC, None)
     for m in spec.get("mounts", []):
-        _mount_one(root, m)
+        target = _mount_one(root, m)
         if m["destination"] == "/dev":
-            _setup_dev(root)
+            _setup_dev(target)  # never root + "/dev": that path may be the image's symlink
     for p in spec.get("linux", {}).get("maskedPaths", []):
         if p.startswith("/sys/"):
             _mask(secure_join(root, p))

@@ -654,7 +654,7 @@ class Process:
         (this closes the ones this handle gave out)."""
         self._check("CloseStdin")
         for f in self._handed:
-            if f.writable() and not f.closed:
+            if not f.closed and f.writable():  # writable() raises on a closed file
                 f.close()
         if self._fds is not None and self._fds.fds[0] >= 0:
             os.close(self._fds.fds[0])
@@ -750,16 +750,27 @@ class Process:
 
 def create_container(container_id: str, config: ContainerConfig, *,
                      roots: Roots | None = None, image_config: dict[str, Any] | None = None,
-                     auto_remove: bool = False) -> Container:
+                     auto_remove: bool = False, runtime: str | None = None) -> Container:
     """Create a container (not started) from *config*; return its handle.
 
     With ``config.layer_folder_path`` the caller's prepared sandbox layer is the root
     filesystem. Otherwise pyhcs makes a sandbox layer over ``config.layers`` (topmost
     first) and removes it with the container.
+
+    *runtime* chooses the executor (``"native"``, ``"crun"``, ``"runc"`` or an absolute
+    path to an OCI runtime; None: ``$PYHCS_RUNTIME``, else native). It is kept with the
+    container, which always runs on it (see ``pyhcs._runtime._oci``).
     """
     op = "CreateContainer"
     _check_id(container_id, op)
     validate(config)
+    # executor choice (see _runtime._oci, imported only when an OCI runtime is chosen)
+    choice = runtime if runtime is not None else os.environ.get("PYHCS_RUNTIME", "")
+    oci_runtime = None
+    if choice.strip() not in ("", "native"):
+        from .._runtime import _oci
+
+        oci_runtime = _oci.resolve_runtime(choice, op)
     roots = roots or Roots.resolve()
     if config.endpoint_list:
         from .. import _network
@@ -803,6 +814,8 @@ def create_container(container_id: str, config: ContainerConfig, *,
         try:
             spec = container_spec(container_id, config, rootfs,
                                   block_device=_sandbox_device(rootfs, config))
+            if oci_runtime is not None:  # executor choice, kept with the container
+                spec["annotations"]["io.pyhcs.runtime"] = oci_runtime  # RUNTIME_ANNOTATION
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
         except BaseException:

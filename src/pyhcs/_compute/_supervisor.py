@@ -147,6 +147,9 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.started = 0.0
         self.paused = False
+        # executor choice (see _runtime._oci): native unless the spec names an OCI runtime
+        self._spawn = spawn
+        self._destroy = destroy_sandbox
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -154,7 +157,15 @@ class Supervisor:
         # the socket first: create_sandbox moves us into the container's namespaces
         self._listen()
         try:
-            self.sandbox = create_sandbox(self.id, self.spec, seccomp_bpf=self.seccomp_bpf)
+            # executor choice: the spec names an OCI runtime (_oci.RUNTIME_ANNOTATION) or
+            # not (native); _oci is imported only for the former
+            if "io.pyhcs.runtime" not in self.spec.get("annotations", {}):
+                self.sandbox = create_sandbox(self.id, self.spec, seccomp_bpf=self.seccomp_bpf)
+            else:
+                from .._runtime import _oci
+
+                self.sandbox = _oci.create_sandbox(self.id, self.spec, self.run_dir)
+                self._spawn, self._destroy = _oci.spawn, _oci.destroy_sandbox
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(self.run_dir / SUPERVISOR_SOCKET)
@@ -250,7 +261,7 @@ class Supervisor:
             self.listener.close()
             self.listener = None
         if sb is not None:
-            destroy_sandbox(sb)
+            self._destroy(sb)
             self.sandbox = None
         self.done = True
 
@@ -356,13 +367,20 @@ class Supervisor:
                         child_fds.append(fd)
                         io.append(fd)
                 stdio = (io[0], io[1], io[2])
-            result = spawn(self.sandbox, process, stdio, console=console)
+            result = self._spawn(self.sandbox, process, stdio, console=console)
         except BaseException:
             for fd in [*child_fds, *ours.values()]:
                 os.close(fd)
             raise
         for fd in child_fds:
             os.close(fd)
+        master = getattr(result, "console_master", -1)
+        if master >= 0:
+            # executor choice: an OCI runtime made its own pty (_oci.OciSpawnResult); it
+            # replaces ours
+            for fd in (ours["stdin"], ours["stdout"]):
+                os.dup2(master, fd, inheritable=False)
+            os.close(master)
         first = not self.init_pid
         if first:
             self.init_pid = result.pid

@@ -70,8 +70,6 @@ def test_console_is_a_tty_of_the_given_size_and_resizes(make_container: Make) ->
     stdout.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the supervisor allocates the pty from the host's "
-                   "devpts (os.openpty), not the container's /dev/pts: ttyname fails inside")
 def test_console_is_named_in_the_containers_devpts(make_container: Make) -> None:
     c = make_container()
     c.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -48,6 +50,8 @@ SUPERVISOR_SOCKET = "sup.sock"
 #: fork(), so clients fold this file into the registry when they look (``_sync``).
 STATUS_FILE = "status.json"
 _TIOCSWINSZ = 0x5414
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTPEER = 0x5441
 
 
 def process_start_time(pid: int) -> int | None:
@@ -343,7 +347,7 @@ class Supervisor:
         console = -1
         try:
             if process.get("terminal"):
-                master, slave = os.openpty()
+                master, slave = self._openpty()
                 os.set_blocking(master, True)
                 child_fds.append(slave)
                 cs = process.get("consoleSize")
@@ -396,6 +400,22 @@ class Supervisor:
         self._reply(conn, {"pid": p.inner_pid, "host_pid": p.pid, "init": first,
                            "exec_error": result.exec_error, "exec_errno": result.exec_errno,
                            "fds": which}, fds)
+
+    def _openpty(self) -> tuple[int, int]:
+        """A pty from the container's own devpts (so it has a name inside, and the
+        container holds nothing of the host's), else from the host's."""
+        ptmx = os.path.join(self.spec["root"]["path"], "dev/pts/ptmx")
+        if self._spawn is not spawn or not os.path.exists(ptmx):
+            return os.openpty()  # an OCI runtime hands back its own console
+        master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
+            # the peer by fd, not by a path the container could have replaced
+            slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(master)
+            raise
+        return master, slave
 
     def _op_stdio(self, conn: socket.socket, req: dict[str, Any]) -> None:
         p = self._find(req)
@@ -500,9 +520,6 @@ class Supervisor:
 
 
 def _resize(fd: int, width: int, height: int) -> None:
-    import fcntl
-    import struct
-
     fcntl.ioctl(fd, _TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
 

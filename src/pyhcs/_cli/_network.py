@@ -6,11 +6,24 @@ Networks are made in the network namespace ``pyhcs`` runs in (normally the host'
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
-from .. import _network as hns
 from .._schema import HNSNetwork, Subnet, to_dict
+
+
+class _Network:
+    """pyhcs._network, imported on first use: it loads pyroute2, which every other
+    command would otherwise pay for at startup."""
+
+    def __getattr__(self, name: str) -> Any:
+        from .. import _network
+
+        return getattr(_network, name)
+
+
+hns = _Network()
 
 __all__ = ["network", "endpoint"]
 

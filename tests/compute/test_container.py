@@ -242,3 +242,13 @@ def test_pause_stops_processes_and_resume_restarts_them(make_container: Make,
     assert (out / "ticks").stat().st_size > frozen
     p.kill()
     c.wait(10)
+
+
+def test_same_id_again_right_after_remove(busybox: list[str], unique_id: str) -> None:
+    layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in busybox]
+    for _ in range(3):  # the old supervisor may still be releasing the cgroup
+        c = pyhcs.create_container(unique_id, pyhcs.ContainerConfig(layers=layers))
+        c.start()
+        assert run(c, "true")[0] == 0
+        c.wait(10)
+        pyhcs.remove_container(unique_id)

@@ -65,7 +65,6 @@ from ._supervisor import (
     process_start_time,
     read_status,
     reap_supervisors,
-    wait_supervisor_exit,
 )
 
 __all__ = [
@@ -812,8 +811,9 @@ def create_container(container_id: str, config: ContainerConfig, *,
         else:
             raise InvalidConfigError(op, message="Layers is empty and no LayerFolderPath given")
         try:
+            upper = os.path.join(home, sandbox, "upper") if sandbox else ""
             spec = container_spec(container_id, config, rootfs,
-                                  block_device=_sandbox_device(rootfs, config))
+                                  block_device=_sandbox_device(rootfs, upper, config))
             if oci_runtime is not None:  # executor choice, kept with the container
                 spec["annotations"]["io.pyhcs.runtime"] = oci_runtime  # RUNTIME_ANNOTATION
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -863,15 +863,25 @@ def _write_in_root(root: str, rel: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _sandbox_device(rootfs: str, config: ContainerConfig) -> tuple[int, int] | None:
+def _sandbox_device(rootfs: str, upper: str, config: ContainerConfig
+                    ) -> tuple[int, int] | None:
     """The block device the container writes to (for storage limits and statistics), or
-    None if it cannot be found and no storage limit needs it."""
+    None if it cannot be found and no storage limit needs it. *upper* is where its writes
+    land (the sandbox's upper directory), *rootfs* what it sees."""
     try:
-        return tuple(block_device(rootfs))  # type: ignore[return-value]
-    except HcsError:
+        st_dev = os.stat(upper or rootfs).st_dev
+        dev = _devices.get(st_dev)
+        if dev is None:
+            dev = _devices[st_dev] = tuple(block_device(upper or rootfs))  # type: ignore[assignment]
+        return dev
+    except (HcsError, OSError):
         if config.storage_iops_maximum or config.storage_bandwidth_maximum:
             raise
         return None
+
+
+#: st_dev -> its block device: reading mountinfo for every container costs a millisecond
+_devices: dict[int, tuple[int, int]] = {}
 
 
 def create_container_with_json(container_id: str, config: ContainerConfig, extra_json: str,
@@ -978,9 +988,8 @@ def remove_container(container_id: str, *, force: bool = False,
         except HcsError:
             pass  # not prepared (a crash between steps): destroying is what matters
         _layers.destroy_layer(info, row["sandbox_layer"])
-    # the supervisor writes its final record before it releases the cgroup: the name is
-    # free for a new container only once it has exited
-    wait_supervisor_exit(row["supervisor_pid"], row["supervisor_start"])
+    # The supervisor may still be releasing the cgroup (it does so after its final
+    # record); a new container of the same id waits for that (see _native), not us.
     c = Container(container_id, roots)
     attached = c._attached_endpoints()
     if attached:

@@ -20,7 +20,6 @@ import fcntl
 import gc
 import json
 import os
-import select
 import selectors
 import signal
 import socket
@@ -41,7 +40,6 @@ from .._runtime._seccomp import compile_seccomp
 from . import _protocol as P
 
 __all__ = ["launch", "process_start_time", "read_status", "reap_supervisors",
-           "wait_supervisor_exit",
            "SUPERVISOR_SOCKET", "STATUS_FILE"]
 
 SUPERVISOR_SOCKET = "sup.sock"
@@ -249,8 +247,8 @@ class Supervisor:
         # Every process is gone, so clients learn the end first: the waiters get the final
         # record itself (they fold it into the registry), the record is written, and the
         # socket goes, so a client that comes later finds no socket and reads the record
-        # instead of waiting out the teardown. The cgroup and namespaces are released last;
-        # remove_container waits for this process to exit.
+        # instead of waiting out the teardown. The cgroup and namespaces are released last
+        # (a new container of the same id waits for the cgroup to go: see _native).
         for w in self.container_waiters:
             self._reply(w, {"exit_code": code, "exit_type": self.exit_type, "status": status})
         self.container_waiters.clear()
@@ -555,26 +553,6 @@ def reap_supervisors() -> None:
             done = pid  # someone else reaped it (a waitpid(-1) in the application)
         if done:
             _children.discard(pid)
-
-
-def wait_supervisor_exit(pid: int, start: int | None, timeout: float = 10.0) -> bool:
-    """Wait until the supervisor *pid* (started at *start*, in clock ticks) has exited;
-    False if it is still running after *timeout* seconds."""
-    if not pid or process_start_time(pid) != start:
-        return True
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        # pid may have been reused between the check and the open: check again
-        if process_start_time(pid) != start:
-            return True
-        done = bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
-    reap_supervisors()
-    return done
 
 
 def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float]:

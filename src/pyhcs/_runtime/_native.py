@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,7 +353,11 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
         theirs.close()
     # pid 1 gets going (a fork's first steps are slow) while we make its cgroup
     try:
-        cg = manager().create(container_id, _resources(spec))
+        try:
+            cg = manager().create(container_id, _resources(spec))
+        except FileExistsError:
+            _wait_cgroup_released(container_id)
+            cg = manager().create(container_id, _resources(spec))
     except BaseException:
         ours.close()
         os.waitpid(pid, 0)
@@ -364,6 +369,24 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
         destroy_sandbox(sb)
         raise
     return sb
+
+
+def _wait_cgroup_released(container_id: str, timeout: float = 5.0) -> None:
+    """Wait for the cgroup of a removed container of the same id to go.
+
+    Its supervisor releases the cgroup after its final record, and remove_container does
+    not wait for that, so a container created again at once under the same id can find
+    it still there for a few milliseconds. One left behind (nothing in it, nobody
+    releasing it) is removed after *timeout*.
+    """
+    cg = manager().open(container_id)
+    deadline = time.monotonic() + timeout
+    while any(os.path.isdir(os.path.dirname(f)) for f in cg.procs_files()):
+        if time.monotonic() > deadline:
+            cg.kill_all()
+            cg.remove()
+            return
+        time.sleep(0.002)
 
 
 def destroy_sandbox(sb: Sandbox) -> None:

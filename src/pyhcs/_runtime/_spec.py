@@ -8,6 +8,7 @@ default seccomp profile), plus an optional user namespace.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -258,7 +259,13 @@ _THERMAL_THROTTLE = "/sys/devices/system/cpu/cpu[0-9]*/thermal_throttle"
 
 
 def _masked_paths() -> list[str]:
-    return list(MASKED_PATHS) + sorted(glob.glob(_THERMAL_THROTTLE))
+    return list(MASKED_PATHS) + list(_host_masked_paths())
+
+
+@functools.cache
+def _host_masked_paths() -> tuple[str, ...]:
+    # the host's processors do not change while we run: looked up once per process
+    return tuple(sorted(glob.glob(_THERMAL_THROTTLE)))
 
 
 def _security(seccomp: bool | Mapping[str, Any],

@@ -125,6 +125,19 @@ class ExtractResult:
     diff_id: str = ""
 
 
+def read_full(src: BinaryIO | IO[bytes], view: memoryview) -> int:
+    """Fill *view* from *src* unless it ends first; return the bytes read. A peek at a
+    magic number must see every byte it asks for even when the source is a slow pipe."""
+    n = 0
+    while n < len(view):
+        data = src.read(len(view) - n)
+        if not data:
+            break
+        view[n : n + len(data)] = data
+        n += len(data)
+    return n
+
+
 class _HashingRaw(io.RawIOBase):
     """The raw source, hashed and counted byte for byte as it is read.
 
@@ -143,13 +156,7 @@ class _HashingRaw(io.RawIOBase):
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
-        n = 0
-        while n < len(view):
-            data = self._src.read(len(view) - n)
-            if not data:
-                break
-            view[n : n + len(data)] = data
-            n += len(data)
+        n = read_full(self._src, view)
         self.hash.update(view[:n])
         self.count += n
         return n

@@ -246,16 +246,7 @@ class _ProgressReader(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
-        # Fill the whole buffer unless the source ends: a peek at the magic must see every
-        # byte it asks for even when the source is a pipe.
-        view = memoryview(buf).cast("B")
-        n = 0
-        while n < len(view):
-            data = self._src.read(len(view) - n)
-            if not data:
-                break
-            view[n : n + len(data)] = data
-            n += len(data)
+        n = _extract.read_full(self._src, memoryview(buf).cast("B"))
         if self._progress is not None and n:
             self._progress(n)
         return n

@@ -206,6 +206,14 @@ class Cgroup(Protocol):
     def procs_files(self) -> list[str]:
         """The files a pid is written to, to join this cgroup (one per hierarchy)."""
 
+    def join_files(self) -> list[str]:
+        """The files a single-threaded process writes ``0`` to, to move itself in.
+
+        cgroup v1's ``tasks`` moves only the writer, and the kernel then skips the global
+        threadgroup lock whose first writer waits out an RCU grace period (5-30 ms);
+        ``cgroup.procs`` always takes it. cgroup v2 has no ``tasks``: ``cgroup.procs``.
+        """
+
     def pids(self) -> list[int]:
         """The pids in the cgroup now."""
 
@@ -367,6 +375,9 @@ class V1Cgroup:
 
     def procs_files(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
+    def join_files(self) -> list[str]:
+        return [os.path.join(d, "tasks") for d in self.dirs.values()]
 
     def pids(self) -> list[int]:
         d = self.dirs.get("pids") or self.dirs.get("memory") or next(iter(self.dirs.values()))
@@ -565,6 +576,9 @@ class V2Cgroup:
 
     def procs_files(self) -> list[str]:
         return [os.path.join(self.path, "cgroup.procs")]
+
+    def join_files(self) -> list[str]:
+        return self.procs_files()
 
     def pids(self) -> list[int]:
         return _read_pids(os.path.join(self.path, "cgroup.procs"))

@@ -286,21 +286,6 @@ def _resources(spec: dict[str, Any]) -> Resources:
     return res
 
 
-def _join_files(cg: Cgroup) -> list[str]:
-    """The files through which a process moves itself into *cg*.
-
-    A single-threaded process writing "0" to a v1 hierarchy's ``tasks`` moves only itself,
-    and the kernel then skips the global threadgroup lock whose first writer waits out an
-    RCU grace period (5-30 ms here); ``cgroup.procs`` always takes it. cgroup v2 has no
-    ``tasks``, so there it is ``cgroup.procs``.
-    """
-    out = []
-    for f in cg.procs_files():
-        tasks = os.path.join(os.path.dirname(f), "tasks")
-        out.append(tasks if os.path.exists(tasks) else f)
-    return out
-
-
 def _join_cgroup(files: list[str]) -> None:
     for f in files:
         fd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
@@ -362,7 +347,7 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
         ours.close()
         os.waitpid(pid, 0)
         raise
-    sb = Sandbox(container_id, cg, pid, ours, _join_files(cg), seccomp_bpf=seccomp_bpf)
+    sb = Sandbox(container_id, cg, pid, ours, cg.join_files(), seccomp_bpf=seccomp_bpf)
     try:
         ours.send(json.dumps(sb.join_files).encode())
     except BaseException:

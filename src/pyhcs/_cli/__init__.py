@@ -10,18 +10,14 @@ import json
 import os
 import secrets
 import shlex
-import signal
 import sqlite3
 import sys
-import threading
 import time
-from typing import IO
 
 import click
 
 from .. import _layers
 from .._compute import (
-    Process,
     container_state,
     create_container,
     get_containers,
@@ -32,17 +28,12 @@ from .._errors import HcsError
 from .._paths import Roots
 from .._registry import Registry
 from .._schema import ContainerConfig, Layer, ProcessConfig
+from . import _compute as _compute_cli
 from . import _images
 from . import _network as _network_cli
+from ._common import attach, fail, parse_env, resolve_container
 
 __all__ = ["main", "cli"]
-
-EXIT_PYHCS_ERROR = 125
-
-
-def _fail(message: str, code: int = EXIT_PYHCS_ERROR) -> None:
-    click.echo(f"pyhcs: {message}", err=True)
-    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,39 +41,11 @@ def cli() -> None:
     """pyhcs: containers on Linux through hcsshim's API."""
 
 
-def _resolve_container(ref: str) -> str:
-    """A container id from an id, a unique id prefix, or a name."""
-    reg = Registry.open(Roots.resolve().db_path)
-    rows = reg.query("SELECT id FROM containers WHERE id=? OR name=?", (ref, ref))
-    if not rows and len(ref) >= 3:
-        rows = reg.query("SELECT id FROM containers WHERE id LIKE ? ESCAPE '\\'",
-                         (ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                          + "%",))
-    if not rows:
-        raise click.ClickException(f"no such container: {ref}")
-    if len(rows) > 1:
-        raise click.ClickException(f"{ref} matches {len(rows)} containers; be more specific")
-    return str(rows[0]["id"])
-
-
-def _pump(src: IO[bytes], dst: IO[bytes]) -> None:
-    fd = src.fileno()
-    out = dst.fileno()
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        view = memoryview(chunk)
-        while view:
-            n = os.write(out, view)
-            view = view[n:]
-    src.close()
-
-
 @cli.command(context_settings={"ignore_unknown_options": True,
                                "allow_interspersed_args": False})
 @click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
-@click.option("-d", "--detach", is_flag=True, help="Print the container id and return.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Print the container id and return; `pyhcs logs` shows its output.")
 @click.option("--name", default="", help="A name for the container.")
 @click.option("--memory", "memory_mb", type=click.IntRange(min=1), default=None,
               help="Memory limit in MB.")
@@ -118,12 +81,7 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
         argv = list(cfg["Entrypoint"]) + argv
     if not argv:
         raise click.UsageError("no command given and the image has none")
-    environment = {}
-    for item in env:
-        k, sep, v = item.partition("=")
-        if not sep:
-            v = os.environ.get(k, "")
-        environment[k] = v
+    environment = parse_env(env)
     container_id = secrets.token_hex(32)
     if name and Registry.open(Roots.resolve().db_path).query_one(
             "SELECT 1 FROM containers WHERE name=?", (name,)):
@@ -146,19 +104,20 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
             command_line=shlex.join(argv), environment=environment,
             working_directory=workdir, user=user,
             create_std_in_pipe=interactive,
-            create_std_out_pipe=not detach, create_std_err_pipe=not detach))
+            create_std_out_pipe=not detach, create_std_err_pipe=not detach),
+            log_output=detach)  # kept by the supervisor for `pyhcs logs`
     except BaseException:
         _discard(container_id)
         raise
     if p.exec_error:
         p.close()
         _finish_run(container_id, auto_remove)
-        _fail(f"{argv[0]}: {p.exec_error}", 127 if p.exec_errno == 2 else 126)
+        fail(f"{argv[0]}: {p.exec_error}", 127 if p.exec_errno == 2 else 126)
     if detach:
         p.close()
         click.echo(container_id)
         return
-    code = _attach(p, interactive)
+    code = attach(p, interactive)
     _finish_run(container_id, auto_remove)
     sys.exit(code)
 
@@ -207,41 +166,6 @@ def _drop_run_endpoint(container_id: str) -> None:
                 pass
 
 
-def _attach(p: Process, interactive: bool) -> int:
-    stdin, stdout, stderr = p.stdio()
-    threads = []
-    for src, dst in ((stdout, sys.stdout.buffer), (stderr, sys.stderr.buffer)):
-        if src is not None:
-            t = threading.Thread(target=_pump, args=(src, dst), daemon=True)
-            t.start()
-            threads.append(t)
-    if interactive and stdin is not None:
-        def feed() -> None:
-            try:
-                _pump(sys.stdin.buffer, stdin)
-            except OSError:
-                pass
-            try:
-                p.close_stdin()
-            except HcsError:
-                pass
-        threading.Thread(target=feed, daemon=True).start()
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            p.signal(signum)
-        except HcsError:
-            pass
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, forward)
-    code = p.wait()
-    for t in threads:
-        t.join()
-    p.close()
-    return code
-
-
 def _finish_run(container_id: str, auto_remove: bool) -> None:
     c = open_container(container_id)
     c.wait()
@@ -268,6 +192,10 @@ def ps(show_all: bool, as_json: bool) -> None:
     rows = [dict(r) for r in reg.query(
         "SELECT id, name, state, exit_code, exit_type, created FROM containers "
         "WHERE state != 'creating' ORDER BY created")]
+    for r in rows:
+        if r["state"] in ("running", "paused"):
+            # the supervisor records pause and resume in its status file: fold it in
+            r.update({k: v for k, v in container_state(r["id"]).items() if k in r})
     if not show_all:
         rows = [r for r in rows if r["state"] != "stopped"]
     if as_json:
@@ -284,7 +212,7 @@ def ps(show_all: bool, as_json: bool) -> None:
 @click.argument("container")
 def inspect(container: str) -> None:
     """Print a container's record as JSON (state, exit code, config)."""
-    cid = _resolve_container(container)
+    cid = resolve_container(container)
     state = container_state(cid)
     state["config"] = json.loads(state["config"])
     state["config"].pop("_pyhcs_image", None)
@@ -297,12 +225,14 @@ def inspect(container: str) -> None:
 def rm(force: bool, containers: tuple[str, ...]) -> None:
     """Remove containers."""
     for ref in containers:
-        cid = _resolve_container(ref)
+        cid = resolve_container(ref)
         remove_container(cid, force=force)
         _drop_run_endpoint(cid)
         click.echo(ref)
 
 
+for _command in _compute_cli.commands:
+    cli.add_command(_command)
 cli.add_command(_images.layer)
 cli.add_command(_images.image)
 cli.add_command(_network_cli.network)
@@ -316,16 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        _fail(e.format_message(), e.exit_code if isinstance(e, click.UsageError) else 125)
+        fail(e.format_message(), e.exit_code if isinstance(e, click.UsageError) else 125)
     except click.exceptions.Abort:
-        _fail("aborted", 130)
+        fail("aborted", 130)
     except (HcsError, OSError) as e:
         if os.environ.get("PYHCS_DEBUG"):
             raise
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # never a traceback for users; PYHCS_DEBUG=1 shows it
         if os.environ.get("PYHCS_DEBUG"):
             raise
-        _fail(f"internal error: {type(e).__name__}: {e}")
+        fail(f"internal error: {type(e).__name__}: {e}")

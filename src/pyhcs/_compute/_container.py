@@ -494,13 +494,18 @@ class Container:
             ))
         return items
 
-    def create_process(self, config: ProcessConfig) -> Process:
+    def create_process(self, config: ProcessConfig, *, log_output: bool = False) -> Process:
         """Start a process in the running container and return its handle.
 
         Pipes are created per ``create_std_*_pipe``; get them with :meth:`Process.stdio`.
         The first process becomes the container's pid 1. If the program cannot be executed
         the process exists already exited with ``WAIT_ERR_EXEC_FAILED`` (32767) and
         :attr:`Process.exec_error` says why.
+
+        With *log_output* (a pyhcs extension), the process's stdout and stderr that have no
+        pipe go to the container's log instead of ``/dev/null``: the supervisor keeps the
+        newest 1 to 2 MiB of it in the run directory until the container is removed
+        (``pyhcs logs``). It applies without ``emulate_console`` only.
         """
         self._check("CreateProcess")
         image_cfg = self._image_config("CreateProcess")
@@ -513,6 +518,7 @@ class Container:
             "op": "exec", "process": proc,
             "stdin": config.create_std_in_pipe, "stdout": config.create_std_out_pipe,
             "stderr": config.create_std_err_pipe,
+            **({"log": True} if log_output else {}),
         })
         return Process(self, int(reply["pid"]), _FdSet.from_reply(reply, fds),
                        exec_error=reply.get("exec_error", ""),

@@ -38,6 +38,7 @@ from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
 from .._runtime._seccomp import compile_seccomp
 from . import _protocol as P
+from ._log import ContainerLog
 
 __all__ = ["launch", "process_start_time", "read_status", "reap_supervisors",
            "SUPERVISOR_SOCKET", "STATUS_FILE"]
@@ -149,6 +150,7 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.started = 0.0
         self.paused = False
+        self.log: ContainerLog | None = None  # the container log (see _log), once asked for
         # executor choice (see _runtime._oci): native unless the spec names an OCI runtime
         self._spawn = spawn
         self._destroy = destroy_sandbox
@@ -222,6 +224,8 @@ class Supervisor:
                         self._serve(key.fileobj)  # type: ignore[arg-type]
                     elif kind == "exit":
                         self._reap(obj)
+                    elif kind == "log":
+                        self._drain_log(obj)
                 except Exception:
                     traceback.print_exc()
             if self.stopping and not self.procs_alive():
@@ -235,6 +239,7 @@ class Supervisor:
         init = self.procs.get(self.init_pid)
         code = init.exit_code if init and init.exit_code is not None else 0
         sb = self.sandbox
+        self._close_log()  # before any waiter learns of the end: the log is complete
         if not self.exit_type:
             oom = False
             if sb is not None:
@@ -356,6 +361,8 @@ class Supervisor:
                 console = slave
             else:
                 io = []
+                # stdout and stderr that have no pipe go to the container log, if asked
+                log_w = self._log_writer(child_fds) if req.get("log") else -1
                 for name, want in (("stdin", req.get("stdin")), ("stdout", req.get("stdout")),
                                    ("stderr", req.get("stderr"))):
                     if want:
@@ -364,6 +371,8 @@ class Supervisor:
                         child_fds.append(theirs)
                         ours[name] = mine
                         io.append(theirs)
+                    elif log_w >= 0 and name != "stdin":
+                        io.append(log_w)
                     else:
                         fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                         child_fds.append(fd)
@@ -398,6 +407,30 @@ class Supervisor:
         self._reply(conn, {"pid": p.inner_pid, "host_pid": p.pid, "init": first,
                            "exec_error": result.exec_error, "exec_errno": result.exec_errno,
                            "fds": which}, fds)
+
+    # -- the container log (see _log) -------------------------------------------------------
+
+    def _log_writer(self, child_fds: list[int]) -> int:
+        """The write end of a new pipe into the container log, for a process's stdout and
+        stderr (added to *child_fds*, which are closed once the process is spawned)."""
+        if self.log is None:
+            self.log = ContainerLog(self.run_dir)
+        r, w = self.log.pipe()
+        child_fds.append(w)
+        self.sel.register(r, selectors.EVENT_READ, ("log", r))
+        return w
+
+    def _drain_log(self, r: int) -> None:
+        if self.log is not None and not self.log.drain(r):
+            self.sel.unregister(r)
+            self.log.release(r)
+
+    def _close_log(self) -> None:
+        if self.log is not None:
+            for r in self.log.close():
+                self.sel.unregister(r)
+                self.log.release(r)
+            self.log = None
 
     def _openpty(self) -> tuple[int, int]:
         """A pty from the container's own devpts (so it has a name inside, and the

@@ -1,6 +1,9 @@
 """``pyhcs network`` and ``pyhcs endpoint``: the host network service from the command line.
 
 Networks are made in the network namespace ``pyhcs`` runs in (normally the host's).
+``--type`` picks the driver: ``nat`` (a private subnet behind the host's addresses),
+``l2bridge`` and ``transparent`` (containers on the segment of ``--uplink``), ``overlay``
+(a VXLAN segment shared with other hosts, VNI ``--vsid``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import Any
 
 import click
 
-from .._schema import HNSNetwork, Subnet, to_dict
+from .._schema import HNSNetwork, Subnet, VsidPolicy, to_dict
 
 
 class _Network:
@@ -39,16 +42,22 @@ def network() -> None:
               help="The network driver.")
 @click.option("--subnet", default="", help="Address prefix (CIDR); default: a free /24.")
 @click.option("--gateway", default="", help="Gateway address; default: the subnet's first.")
-@click.option("--uplink", default="", help="The host interface (l2bridge, transparent).")
+@click.option("--uplink", default="", metavar="IF",
+              help="The host interface (l2bridge, transparent; overlay: the tunnel's).")
+@click.option("--vsid", type=click.IntRange(1, 2**24 - 1), default=None, metavar="N",
+              help="The virtual subnet id (overlay): its VXLAN VNI.")
 @click.option("--dns", default="", help="DNS servers, comma-separated.")
 @click.argument("name")
-def network_create(net_type: str, subnet: str, gateway: str, uplink: str, dns: str,
-                   name: str) -> None:
+def network_create(net_type: str, subnet: str, gateway: str, uplink: str, vsid: int | None,
+                   dns: str, name: str) -> None:
     """Create network NAME; print its id."""
     if gateway and not subnet:
         raise click.UsageError("--gateway needs --subnet")
+    if vsid is not None and net_type != "overlay":
+        raise click.UsageError("--vsid is for --type overlay")
     doc = HNSNetwork(name=name, type=net_type, network_adapter_name=uplink,
                      dns_server_list=dns,
+                     policies=[to_dict(VsidPolicy(vsid=vsid))] if vsid is not None else [],
                      subnets=[Subnet(address_prefix=subnet, gateway_address=gateway)]
                      if subnet else [])
     click.echo(hns.create_network(doc).id)
@@ -62,10 +71,11 @@ def network_ls(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(to_dict(nets), indent=2))
         return
-    click.echo(f"{'NETWORK ID':<38}{'NAME':<20}{'TYPE':<13}SUBNETS")
+    click.echo(f"{'NETWORK ID':<38}{'NAME':<20}{'TYPE':<13}{'UPLINK':<16}SUBNETS")
     for n in nets:
         subnets = ",".join(s.address_prefix for s in n.subnets)
-        click.echo(f"{n.id:<38}{n.name:<20}{n.type:<13}{subnets}")
+        click.echo(f"{n.id:<38}{n.name:<20}{n.type:<13}{n.network_adapter_name or '-':<16}"
+                   f"{subnets}")
 
 
 @network.command("inspect")

@@ -1,4 +1,4 @@
-"""The netlink side of the network service: bridges, veth pairs, addresses, routes, tc.
+"""The netlink side of the network service: bridges, veths, macvlans, VXLAN, addresses, routes, tc.
 
 Everything here works on the network namespace of the *calling thread* (the "host" of the
 service) unless a namespace fd is given. pyroute2's own netns support forks a helper for
@@ -11,12 +11,14 @@ about a millisecond. Errors are raised as ``OSError`` / pyroute2's ``NetlinkErro
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]  # pyroute2 ships no types
@@ -38,6 +40,18 @@ __all__ = [
     "set_tbf",
     "link_stats",
     "set_ip_forward",
+    "LinkInfo",
+    "link_info",
+    "UplinkState",
+    "capture_uplink",
+    "take_uplink",
+    "give_back_uplink",
+    "set_link_up",
+    "create_macvlan_into",
+    "delete_links_with_mac",
+    "ensure_vxlan",
+    "add_remote",
+    "delete_remote",
 ]
 
 _local = threading.local()
@@ -166,17 +180,19 @@ def delete_link(ipr: IPRoute, name: str) -> bool:
 
 
 def create_veth_into(ipr: IPRoute, host_name: str, master: int | None, netns_fd: int,
-                     peer_names: list[str], mac: str) -> str:
+                     peer_names: list[str], mac: str, mtu: int = 0) -> str:
     """A veth pair: *host_name* here (enslaved to *master*, up), its peer inside *netns_fd*.
 
     The peer takes the first free name of *peer_names* (``eth0``, ``eth1``...) and *mac*;
-    returns the name it got. If none is free, raises ``NetlinkError(EEXIST)``.
+    returns the name it got. If none is free, raises ``NetlinkError(EEXIST)``. A nonzero
+    *mtu* is set on both ends (an overlay's bridge carries smaller frames than 1500).
     """
     last: NetlinkError | None = None
+    extra: dict[str, Any] = {"mtu": mtu} if mtu else {}
     for name in peer_names:
         try:
-            ipr.link("add", ifname=host_name, kind="veth",
-                     peer={"ifname": name, "address": mac, "net_ns_fd": netns_fd})
+            ipr.link("add", ifname=host_name, kind="veth", **extra,
+                     peer={"ifname": name, "address": mac, "net_ns_fd": netns_fd, **extra})
         except NetlinkError as e:
             # EEXIST names the peer when the host name is free (the host name is ours)
             if e.code != errno.EEXIST or link_exists(ipr, host_name):
@@ -246,3 +262,294 @@ def set_ip_forward() -> None:
             return
     with open(path, "w") as f:
         f.write("1")
+
+
+# --------------------------------------------------------------------------- uplinks
+
+_IFF_UP = 0x1
+_RT_TABLE_LOCAL = 255
+_RTPROT_KERNEL = 2
+_RT_SCOPE_LINK = 253
+# the address flags a user sets: nodad, homeaddress, mngtmpaddr, noprefixroute, autojoin
+# (not secondary, tentative, permanent..., which the kernel decides)
+_IFA_USER_FLAGS = 0x02 | 0x10 | 0x100 | 0x200 | 0x400
+
+
+@dataclass
+class LinkInfo:
+    """What the service needs to know of an interface."""
+
+    index: int
+    up: bool
+    mac: str
+    mtu: int
+    master: int | None
+    kind: str
+
+
+def link_info(ipr: IPRoute, name: str) -> LinkInfo | None:
+    """The interface *name*'s index, admin state, MAC, MTU, master and kind; None if absent."""
+    try:
+        (link,) = ipr.link("get", ifname=name)
+    except NetlinkError as e:
+        if e.code in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = str(info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
+    return LinkInfo(index=int(link["index"]), up=bool(link["flags"] & _IFF_UP),
+                    mac=str(link.get_attr("IFLA_ADDRESS") or ""),
+                    mtu=int(link.get_attr("IFLA_MTU") or 0),
+                    master=link.get_attr("IFLA_MASTER"), kind=kind)
+
+
+@dataclass
+class UplinkState:
+    """An uplink as it was before a network took it: what giving it back restores.
+
+    ``addresses`` are the IPv4 addresses and the IPv6 ones that are not link-local (the
+    kernel makes those itself); ``routes`` are the routes through it that the kernel does
+    not derive from an address (static, boot, DHCP...), in every table but ``local``.
+    Each is a dict of pyroute2 arguments, so it round-trips through JSON.
+    """
+
+    name: str
+    up: bool
+    addresses: list[dict[str, Any]] = field(default_factory=list)
+    routes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """The state as JSON (what the service keeps in the network's run directory)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> UplinkState:
+        """The state :meth:`to_json` wrote."""
+        d = json.loads(text)
+        return cls(name=str(d["name"]), up=bool(d["up"]), addresses=list(d["addresses"]),
+                   routes=list(d["routes"]))
+
+
+def capture_uplink(ipr: IPRoute, name: str) -> UplinkState:
+    """The current state of uplink *name*; ``NetlinkError(ENODEV)`` if it does not exist."""
+    info = link_info(ipr, name)
+    if info is None:
+        raise NetlinkError(errno.ENODEV, f"no interface {name}")
+    addresses = []
+    for a in ipr.addr("dump", index=info.index):
+        if a["family"] == socket.AF_INET6 and a["scope"] == _RT_SCOPE_LINK:
+            continue
+        entry: dict[str, Any] = {"address": a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"),
+                                 "prefixlen": int(a["prefixlen"]), "family": int(a["family"])}
+        if a.get_attr("IFA_BROADCAST"):
+            entry["broadcast"] = a.get_attr("IFA_BROADCAST")
+        label = a.get_attr("IFA_LABEL")
+        if label and label != name:
+            entry["label"] = label  # an alias ("eth0:1") keeps its label when given back
+        flags = a.get_attr("IFA_FLAGS")
+        if flags and int(flags) & _IFA_USER_FLAGS:
+            entry["IFA_FLAGS"] = int(flags) & _IFA_USER_FLAGS
+        if a["scope"]:
+            entry["scope"] = int(a["scope"])
+        addresses.append(entry)
+    routes = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for r in ipr.route("dump", family=family):
+            if (r.get_attr("RTA_OIF") != info.index or r["proto"] == _RTPROT_KERNEL
+                    or r.get_attr("RTA_TABLE") == _RT_TABLE_LOCAL or r["type"] != 1):
+                continue
+            dst = r.get_attr("RTA_DST")
+            route: dict[str, Any] = {
+                "family": family,
+                "dst": f"{dst}/{r['dst_len']}" if dst else
+                ("0.0.0.0/0" if family == socket.AF_INET else "::/0"),
+                "table": int(r.get_attr("RTA_TABLE") or r["table"]),
+                "proto": int(r["proto"]), "scope": int(r["scope"]),
+            }
+            for attr, key in (("RTA_GATEWAY", "gateway"), ("RTA_PRIORITY", "priority"),
+                              ("RTA_PREFSRC", "prefsrc")):
+                if r.get_attr(attr) is not None:
+                    route[key] = r.get_attr(attr)
+            routes.append(route)
+    return UplinkState(name=name, up=info.up, addresses=addresses, routes=routes)
+
+
+def _ignore(codes: tuple[int, ...], call: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as e:
+        if e.code not in codes:
+            raise
+
+
+def _add_addresses(ipr: IPRoute, index: int, state: UplinkState, keep_labels: bool) -> None:
+    for a in state.addresses:
+        args = dict(a)
+        if not keep_labels:
+            args.pop("label", None)
+        _ignore((errno.EEXIST,), ipr.addr, "add", index=index, **args)
+
+
+def _add_routes(ipr: IPRoute, index: int, state: UplinkState) -> None:
+    for r in state.routes:
+        # a route whose gateway went away with the host's other changes is not worth failing
+        # the whole operation for; everything else is
+        _ignore((errno.EEXIST, errno.ENETUNREACH), ipr.route, "add", oif=index, **r)
+
+
+def take_uplink(ipr: IPRoute, state: UplinkState, bridge: str) -> int:
+    """Make *bridge* (created if missing) the uplink's master and move *state*'s addresses
+    and routes to it, so the host keeps its connectivity through the bridge.
+
+    The bridge takes the uplink's MAC (the host's neighbours keep a valid ARP entry) and
+    the uplink is set up. Safe to repeat. Returns the bridge's index.
+    """
+    info = link_info(ipr, state.name)
+    if info is None:
+        raise NetlinkError(errno.ENODEV, f"no interface {state.name}")
+    br = link_info(ipr, bridge)
+    if br is None:
+        _ignore((errno.EEXIST,), ipr.link, "add", ifname=bridge, kind="bridge",
+                address=info.mac)
+        br = link_info(ipr, bridge)
+        assert br is not None
+    for a in state.addresses:
+        _ignore((errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH), ipr.addr, "del",
+                index=info.index, address=a["address"], prefixlen=a["prefixlen"])
+    for r in state.routes:
+        # IPv4 drops these with the addresses, IPv6 keeps them on the port
+        _ignore((errno.ESRCH, errno.ENOENT), ipr.route, "del", oif=info.index, **r)
+    if info.master != br.index:
+        ipr.link("set", index=info.index, master=br.index)
+    ipr.link("set", index=info.index, state="up")
+    ipr.link("set", index=br.index, state="up")
+    _add_addresses(ipr, br.index, state, keep_labels=False)
+    _add_routes(ipr, br.index, state)
+    return br.index
+
+
+def give_back_uplink(ipr: IPRoute, state: UplinkState, bridge: str = "") -> None:
+    """Undo :func:`take_uplink` (or :func:`set_link_up`): delete *bridge* if given, then put
+    *state*'s addresses, routes and admin state back on the uplink. Safe to repeat; an
+    uplink that is gone is left alone."""
+    if bridge:
+        delete_link(ipr, bridge)
+    info = link_info(ipr, state.name)
+    if info is None:
+        return
+    if info.master is not None and bridge:
+        ipr.link("set", index=info.index, master=0)
+    # IPv4 drops an interface's routes when it goes down: up first when it was up, and
+    # a down uplink had no routes to give back
+    if state.up:
+        ipr.link("set", index=info.index, state="up")
+        _add_addresses(ipr, info.index, state, keep_labels=True)
+        _add_routes(ipr, info.index, state)
+    else:
+        _add_addresses(ipr, info.index, state, keep_labels=True)
+        ipr.link("set", index=info.index, state="down")
+
+
+def set_link_up(ipr: IPRoute, name: str) -> None:
+    """Set interface *name* up (``NetlinkError(ENODEV)`` if it does not exist)."""
+    idx = _index(ipr, name)
+    if idx is None:
+        raise NetlinkError(errno.ENODEV, f"no interface {name}")
+    ipr.link("set", index=idx, state="up")
+
+
+# --------------------------------------------------------------------------- macvlan
+
+
+def create_macvlan_into(ipr: IPRoute, host_name: str, uplink: str, netns_fd: int,
+                        names: list[str], mac: str) -> str:
+    """A macvlan (bridge mode) of *uplink* with *mac*, moved into *netns_fd*.
+
+    It is made here as *host_name* first, so a creator killed half way leaves a name
+    recovery knows, then moved and renamed in one step to the first free name of *names*;
+    returns the name it got (``NetlinkError(EEXIST)`` if none is free).
+    """
+    up = _index(ipr, uplink)
+    if up is None:
+        raise NetlinkError(errno.ENODEV, f"the uplink {uplink} is missing")
+    ipr.link("add", ifname=host_name, kind="macvlan", link=up, macvlan_mode="bridge",
+             address=mac)
+    idx = _index(ipr, host_name)
+    assert idx is not None
+    last: NetlinkError | None = None
+    for name in names:
+        try:
+            ipr.link("set", index=idx, net_ns_fd=netns_fd, ifname=name)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+            last = e
+            continue
+        return name
+    assert last is not None
+    raise last
+
+
+def delete_links_with_mac(ipr: IPRoute, mac: str) -> int:
+    """Delete every interface of *ipr*'s namespace whose MAC is *mac*; returns how many."""
+    n = 0
+    for link in ipr.get_links():
+        if str(link.get_attr("IFLA_ADDRESS") or "").lower() == mac.lower():
+            _ignore((errno.ENODEV, errno.ENOENT), ipr.link, "del", index=link["index"])
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- VXLAN
+
+#: The IANA port of VXLAN.
+VXLAN_PORT = 4789
+_NTF_SELF = 0x02
+
+
+def ensure_vxlan(ipr: IPRoute, name: str, vni: int, bridge: str, uplink: str = "") -> int:
+    """VXLAN device *name* for *vni* (UDP 4789) up in *bridge* (both created if missing).
+
+    Learning is off and ARP proxying on: remote endpoints are static FDB and neighbour
+    entries (:func:`add_remote`), so nothing is flooded to the underlay. With *uplink*
+    the tunnel is bound to it (and its MTU follows it). Returns the VXLAN device's MTU.
+    """
+    br = ensure_bridge(ipr, bridge, "", 0)
+    info = link_info(ipr, name)
+    if info is None:
+        extra: dict[str, Any] = {}
+        if uplink:
+            up = _index(ipr, uplink)
+            if up is None:
+                raise NetlinkError(errno.ENODEV, f"the uplink {uplink} is missing")
+            extra["vxlan_link"] = up
+        _ignore((errno.EEXIST,), ipr.link, "add", ifname=name, kind="vxlan", vxlan_id=vni,
+                vxlan_port=VXLAN_PORT, vxlan_learning=0, vxlan_proxy=1, **extra)
+        info = link_info(ipr, name)
+        assert info is not None
+    ipr.link("set", index=info.index, master=br, state="up")
+    return info.mtu
+
+
+def add_remote(ipr: IPRoute, vxlan: str, mac: str, ip: str, provider_address: str) -> None:
+    """A remote endpoint: frames for *mac* go to the host at *provider_address*, and ARP
+    requests for *ip* are answered with *mac* by the VXLAN device itself."""
+    idx = _index(ipr, vxlan)
+    if idx is None:
+        raise NetlinkError(errno.ENODEV, f"no interface {vxlan}")
+    # NTF_SELF: the VXLAN device's own table (where dst lives), not the bridge's
+    ipr.fdb("replace", ifindex=idx, lladdr=mac, dst=provider_address, state="permanent",
+            flags=_NTF_SELF)
+    if ip:
+        ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state="permanent")
+
+
+def delete_remote(ipr: IPRoute, vxlan: str, mac: str, ip: str) -> None:
+    """Remove what :func:`add_remote` added (nothing happens for what is gone)."""
+    idx = _index(ipr, vxlan)
+    if idx is None:
+        return
+    gone = (errno.ENOENT, errno.ENODEV, errno.ESRCH)
+    _ignore(gone, ipr.fdb, "del", ifindex=idx, lladdr=mac, flags=_NTF_SELF)
+    if ip:
+        _ignore(gone, ipr.neigh, "del", dst=ip, lladdr=mac, ifindex=idx)

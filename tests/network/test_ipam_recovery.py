@@ -13,7 +13,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 import pyhcs
 from pyhcs import _network as hns
-from pyhcs._network import _netlink, _nft, _service
+from pyhcs._network import _nft, _rtnl, _service
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
 from pyhcs._schema import to_dict
@@ -115,7 +115,7 @@ def test_kill_during_endpoint_create_and_attach_leaves_nothing_after_recover(
     c = make_ns()
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id, policies=[nat]))
     links = _links()
-    _killed_in(monkeypatch, _netlink, "create_veth_into",
+    _killed_in(monkeypatch, _rtnl, "_create_veth",  # attach's veth, on a nat network
                lambda: hns.attach_endpoint(ep.id, c.path, container_id="c"))
     assert hns.host_ifname(ep.id) in _links()
     assert hns.recover() == [ep.id]

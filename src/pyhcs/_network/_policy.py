@@ -1,9 +1,24 @@
-"""Reading HNS policies: each ``Policies`` entry checked and turned into what the service applies.
+"""HNS policies: each ``Policies`` entry checked, and the nftables side of enforcing them.
 
 Policy entries are JSON objects told apart by ``"Type"`` (matched case-insensitively, as
 HNS does). An unknown type, a missing or invalid field raises
 :class:`InvalidNetworkRequestError`: a request with a policy pyhcs cannot enforce is
 refused rather than half applied.
+
+How each is enforced (the rules themselves are in :mod:`._nft`):
+
+* ``NAT``: a port-map element of the network's ``ip`` table (DNAT of the host's ports);
+* ``QOS``: a tbf qdisc on the endpoint's interface inside the container (the service);
+* ``ACL``: a chain per endpoint and direction in the network's ``ip`` table, reached by
+  the endpoint's address; stateful (conntrack); traffic between endpoints of one bridge
+  goes through it by br_netfilter, which :func:`apply_endpoint` turns on for the bridge;
+* ``VLAN``: isolation between the bridge's ports by nftables in the ``bridge`` family
+  (this kernel has no bridge VLAN filtering and no 802.1Q): frames never cross from a
+  port of one VLAN to a port of another, or between tagged and untagged ports;
+* ``OutBoundNAT``: its ``ExceptionList`` prefixes are destinations the endpoint reaches
+  without masquerade (its own source address kept);
+* policy lists' ``ELB``: a table per policy list DNATing the VIPs round robin to the
+  referenced endpoints (:func:`apply_policy_list`).
 """
 
 from __future__ import annotations
@@ -13,11 +28,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyhcs._errors import InvalidConfigError
+from pyhcs._network import _nft as nft
+from pyhcs._network import _rtnl
 from pyhcs._network._errors import InvalidNetworkRequestError
-from pyhcs._network._nft import Acl
+from pyhcs._network._nft import Acl, LoadBalancer
 from pyhcs._schema import NatPolicy, PaPolicy, QosPolicy, VlanPolicy, VsidPolicy, from_dict
 
-__all__ = ["EndpointPolicies", "NetworkPolicies", "endpoint_policies", "network_policies"]
+__all__ = [
+    "EndpointPolicies",
+    "NetworkPolicies",
+    "endpoint_policies",
+    "network_policies",
+    "apply_endpoint",
+    "remove_endpoint",
+    "load_balancers",
+    "apply_policy_list",
+    "remove_policy_list",
+]
 
 #: Endpoint policy types pyhcs enforces (upper case).
 ENDPOINT_TYPES = frozenset({"NAT", "QOS", "ACL", "OUTBOUNDNAT", "VLAN", "VSID", "PA"})
@@ -113,15 +140,29 @@ def _acl(entry: dict[str, Any], where: str, op: str) -> Acl:
     if direction not in ("in", "out"):
         raise InvalidNetworkRequestError(where, op, message="ACL Direction must be In or Out")
     protocols: list[int] = []
-    for p in _csv(e.get("protocols"), where, "ACL Protocols", op):
+    # hcsshim has both Protocols (a list in a string) and Protocol (one number); 256 is
+    # HNS's "any protocol"
+    single = e.get("protocol")
+    items = _csv(e.get("protocols"), where, "ACL Protocols", op)
+    if single not in (None, 0, ""):
+        items.append(str(single))
+    for p in items:
+        if p == "256":
+            protocols = []
+            break
         if p.isdigit() and int(p) <= 255:
             protocols.append(int(p))
         elif p.lower() in _PROTOCOLS:
             protocols.append(_PROTOCOLS[p.lower()])
         else:
             raise InvalidNetworkRequestError(where, op, message=f"ACL Protocols: bad {p!r}")
+    protocols = list(dict.fromkeys(protocols))
     local_ports = _ports(e.get("localports"), where, "ACL LocalPorts", op)
     remote_ports = _ports(e.get("remoteports"), where, "ACL RemotePorts", op)
+    for key, ports in (("localport", local_ports), ("remoteport", remote_ports)):
+        one = e.get(key)
+        if one not in (None, 0, ""):
+            ports += _ports(str(one), where, f"ACL {key}", op)
     if (local_ports or remote_ports) and (not protocols or set(protocols) - {6, 17}):
         raise InvalidNetworkRequestError(
             where, op, message="ACL ports need Protocols of TCP (6) and/or UDP (17) only")
@@ -213,3 +254,116 @@ def network_policies(policies: list[dict[str, Any]], where: str, op: str) -> Net
             out.outbound_exceptions += _prefixes(
                 _lower_keys(entry).get("exceptionlist"), where, "OutBoundNAT ExceptionList", op)
     return out
+
+
+# --------------------------------------------------------------------------- enforcing
+
+
+def _bridge_name(network_id: str) -> str:
+    # the service's naming (not imported: the service imports this module)
+    return "phbr" + network_id.replace("-", "").lower()[:10]
+
+
+def _bridge_through_conntrack(network_id: str) -> None:
+    """Make the network's bridged IPv4 go through the ``ip`` hooks (and conntrack).
+
+    The per-bridge form of ``net.bridge.bridge-nf-call-iptables``: ACLs live in the
+    ``ip`` family, where conntrack makes them stateful, and must also see what one
+    endpoint sends another over the bridge. Nothing to do if the bridge does not exist
+    (a network without one has no bridged traffic).
+    """
+    _rtnl.bridge_nf_call_iptables(_bridge_name(network_id))
+
+
+def apply_endpoint(network_id: str, host_ifname: str, address: str, pol: EndpointPolicies,
+                   old: EndpointPolicies | None = None) -> None:
+    """Enforce an endpoint's ACLs and VLAN, replacing those of *old* (an update).
+
+    *host_ifname* is the endpoint's bridge port (it need not exist yet: rules are keyed by
+    its name), *address* its IPv4 address. Raises ``OSError`` (:class:`~._nft.NftError`,
+    netlink errors) for the service to translate.
+    """
+    # what is no longer wanted is removed, not left empty: remove_endpoint only knows the
+    # endpoint's current policies
+    if pol.acls:
+        _bridge_through_conntrack(network_id)
+        nft.set_endpoint_acls(network_id, host_ifname, pol.acls, address)
+    elif old is not None and old.acls:
+        nft.delete_endpoint_acls(network_id, host_ifname, address)
+    old_vlan = old.vlan if old is not None else 0
+    if pol.vlan:
+        nft.set_endpoint_vlan(network_id, host_ifname, pol.vlan, old_vlan)
+    elif old_vlan:
+        nft.delete_endpoint_vlan(network_id, host_ifname, old_vlan)
+
+
+def remove_endpoint(network_id: str, host_ifname: str, address: str,
+                    pol: EndpointPolicies) -> None:
+    """Undo :func:`apply_endpoint` (what is already gone is skipped)."""
+    if pol.acls:
+        nft.delete_endpoint_acls(network_id, host_ifname, address)
+    if pol.vlan:
+        nft.delete_endpoint_vlan(network_id, host_ifname, pol.vlan)
+
+
+def _ipv4(value: object, where: str, what: str, op: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value).strip()))
+    except ValueError as e:
+        raise InvalidNetworkRequestError(
+            where, op, message=f"{what}: {value!r} is not an IPv4 address") from e
+
+
+def load_balancers(policies: list[dict[str, Any]], backends: list[str], where: str,
+                   op: str) -> list[LoadBalancer]:
+    """Check a policy list's ``Policies``; return its ``ELB`` policies over *backends*.
+
+    *backends* are the addresses of the endpoints the list references. An ``ELB``
+    (hcsshim's ``ELBPolicy``: ``Protocol`` 6 or 17, ``InternalPort``, ``ExternalPort``,
+    ``VIPs``, ``SourceVIP``, ``ILB``) sends what reaches a VIP (or, without VIPs, any
+    address of the host) on ``ExternalPort`` to one backend after the other at
+    ``InternalPort``; the backends see the host's address as the source (``SourceVIP`` if
+    given), so their answers come back through the host. ``ILB`` is accepted: internal and
+    external balancers are enforced alike. ``ROUTE`` policies are checked for their type
+    only and not enforced.
+    """
+    out = []
+    for entry in policies:
+        t = _type(entry, where, frozenset({"ELB", "ROUTE"}), op)
+        if t != "ELB":
+            continue
+        e = _lower_keys(entry)
+        proto = e.get("protocol") or 6
+        if proto not in (6, 17):
+            raise InvalidNetworkRequestError(where, op, message="ELB Protocol must be 6 (TCP) "
+                                             "or 17 (UDP)")
+        ports = []
+        for key in ("externalport", "internalport"):
+            v = e.get(key) or 0
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF:
+                raise InvalidNetworkRequestError(where, op, message=f"ELB {key}: bad port")
+            ports.append(v)
+        vips = e.get("vips") or []
+        if not isinstance(vips, list):
+            raise InvalidNetworkRequestError(where, op, message="ELB VIPs must be a list")
+        if not backends:
+            raise InvalidNetworkRequestError(where, op, message="an ELB policy needs endpoint "
+                                             "references")
+        source = e.get("sourcevip") or ""
+        out.append(LoadBalancer(
+            protocol=proto, external_port=ports[0], internal_port=ports[1],
+            vips=tuple(_ipv4(v, where, "ELB VIPs", op) for v in vips),
+            backends=tuple(backends),
+            source_vip=_ipv4(source, where, "ELB SourceVIP", op) if source else ""))
+    return out
+
+
+def apply_policy_list(policy_list_id: str, lbs: list[LoadBalancer]) -> None:
+    """Enforce a policy list's load balancers (a table of its own, replaced as a whole)."""
+    if lbs:
+        nft.set_load_balancers(policy_list_id, lbs)
+
+
+def remove_policy_list(policy_list_id: str) -> None:
+    """Stop enforcing a policy list (nothing happens if it had no load balancer)."""
+    nft.delete_load_balancers(policy_list_id)

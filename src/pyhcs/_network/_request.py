@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 
 from pyhcs._errors import InvalidConfigError
+from pyhcs._network import _policy
 from pyhcs._network import _service as svc
 from pyhcs._network._errors import InvalidNetworkRequestError, NetworkError
 from pyhcs._paths import Roots
@@ -58,9 +59,11 @@ _POLICY_LIST_NAMES = {
 class PolicyList(Document, rename=_POLICY_LIST_NAMES):
     """An HNS policy list: policies (``ELB``, ``ROUTE``) over a set of endpoints.
 
-    ``endpoint_references`` are ``"/endpoints/<id>"`` paths. pyhcs stores and returns
-    policy lists (checked: the endpoints exist, the types are known) but does not yet
-    enforce them.
+    ``endpoint_references`` are ``"/endpoints/<id>"`` paths. A list is checked (the
+    endpoints exist, the policies are valid) and its ``ELB`` policies are enforced from
+    the moment it is stored until it is deleted: traffic to a VIP is DNATed round robin
+    to the referenced endpoints' addresses (as they were when the list was stored).
+    ``ROUTE`` policies are stored only.
     """
 
     id: str = ""
@@ -168,6 +171,10 @@ def _policy_lists(method: str, path: str, request: str, roots: Roots | None) -> 
         row = reg.query_one("SELECT doc FROM policy_lists WHERE id=?", (ref.upper(),))
         if row is None:
             raise svc._not_found("policy list", ref, op)
+        try:  # ELB enforcement (policy helper)
+            _policy.remove_policy_list(ref.upper())
+        except OSError as e:
+            raise NetworkError(ref, op, message=f"{e.strerror or e}") from e
         reg.execute("DELETE FROM policy_lists WHERE id=?", (ref.upper(),))
         return json.loads(row["doc"])
     if ref:
@@ -177,17 +184,24 @@ def _policy_lists(method: str, path: str, request: str, roots: Roots | None) -> 
         t = {str(k).lower(): v for k, v in entry.items()}.get("type")
         if not isinstance(t, str) or t.upper() not in _POLICY_LIST_TYPES:
             raise InvalidNetworkRequestError("", op, message=f"unknown policy type {t!r}")
+    backends = []
     for reference in pl.endpoint_references:
         eid = reference.rsplit("/", 1)[-1]
         try:
-            svc.get_endpoint(eid, roots=roots)
+            backends.append(svc.get_endpoint(eid, roots=roots).ip_address)
         except NetworkError as e:
             raise InvalidNetworkRequestError(reference, op, message=f"unknown endpoint "
                                              f"{reference!r}") from e
+    lbs = _policy.load_balancers(pl.policies, backends, "", op)  # ELB enforcement (policy)
     pl.id = svc._new_id()
     doc = to_dict(pl)
     reg.execute("INSERT INTO policy_lists (id, doc, created) VALUES (?,?,?)",
                 (pl.id, json.dumps(doc), reg.now()))
+    try:  # ELB enforcement (policy helper)
+        _policy.apply_policy_list(pl.id, lbs)
+    except OSError as e:
+        reg.execute("DELETE FROM policy_lists WHERE id=?", (pl.id,))
+        raise NetworkError(pl.id, op, message=f"{e.strerror or e}") from e
     return doc
 
 

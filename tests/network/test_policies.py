@@ -403,7 +403,7 @@ def test_elb_policy_list_balances_a_vip_over_endpoints(
             probe.connect((vip, 80))
         probe.close()
         pl = hns.hns_policy_list_request("POST", "", json.dumps({
-            "EndpointReferences": [f"/endpoints/{ep1.id}", f"/endpoints/{ep2.id}"],
+            "References": [f"/endpoints/{ep1.id}", f"/endpoints/{ep2.id}"],
             "Policies": [{"Type": "ELB", "VIPs": [vip], "Protocol": 6,
                           "ExternalPort": 80, "InternalPort": 8080}]}))
         # from a container of the network (hairpin through the host) and from outside:
@@ -438,5 +438,5 @@ def test_bad_elb_policies_are_refused(net: pyhcs.HNSNetwork) -> None:
                        ([], {"Type": "ELB", "VIPs": ["10.96.0.1"], "ExternalPort": 80})):
         with pytest.raises(hns.InvalidNetworkRequestError):
             hns.hns_policy_list_request("POST", "", json.dumps({
-                "EndpointReferences": refs_, "Policies": [pol]}))
+                "References": refs_, "Policies": [pol]}))
     assert hns.hns_policy_list_request("GET", "", "") == []

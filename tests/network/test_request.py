@@ -186,7 +186,7 @@ BAD_REQUESTS = [
      pyhcs.ERR_ELEMENT_NOT_FOUND, "not found"),
     ("pl", "POST", "", json.dumps({"Policies": [{"Type": "Magic"}]}),
      hns.InvalidNetworkRequestError, None, "unknown policy type"),
-    ("pl", "POST", "", json.dumps({"EndpointReferences": ["/endpoints/nope"]}),
+    ("pl", "POST", "", json.dumps({"References": ["/endpoints/nope"]}),
      hns.InvalidNetworkRequestError, None, "unknown endpoint"),
 ]
 
@@ -239,10 +239,10 @@ def test_policy_lists(roots: Roots) -> None:
     net = hns.create_network(pyhcs.HNSNetwork(name="n"))
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id))
     pl = hns.hns_policy_list_request("POST", "", json.dumps({
-        "EndpointReferences": [f"/endpoints/{ep.id}"],
+        "References": [f"/endpoints/{ep.id}"],
         "Policies": [{"Type": "ELB", "VIPs": ["10.0.0.10"], "ExternalPort": 80,
                       "InternalPort": 8080, "Protocol": 6}]}))
-    assert pl["ID"] and pl["EndpointReferences"] == [f"/endpoints/{ep.id}"]
+    assert pl["ID"] and pl["References"] == [f"/endpoints/{ep.id}"]
     assert hns.hns_policy_list_request("GET", "", "") == [pl]
     assert hns.hns_policy_list_request("GET", pl["ID"], "") == pl
     assert hns.hns_policy_list_request("DELETE", pl["ID"], "") == pl

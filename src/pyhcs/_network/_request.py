@@ -51,7 +51,7 @@ __all__ = [
 
 _POLICY_LIST_NAMES = {
     "id": "ID",
-    "endpoint_references": "EndpointReferences",
+    "endpoint_references": "References",  # hcsshim's wire name (Go field EndpointReferences)
     "policies": "Policies",
 }
 

@@ -15,6 +15,7 @@ import pytest
 
 import pyhcs
 from pyhcs import _network as hns
+from pyhcs._network._nft import lb_table_name, list_pyhcs_tables
 from pyhcs._schema import to_dict
 
 from .conftest import Netns, Wire, tcp_client, tcp_server, udp_socket
@@ -418,6 +419,19 @@ def test_elb_policy_list_balances_a_vip_over_endpoints(
         with pytest.raises(OSError):
             probe.connect((vip, 8080))
         probe.close()
+        # a reboot-like loss of the list's rules: restore brings them back
+        table = lb_table_name(pl["ID"])
+        subprocess.run(["nft", "delete", "table", "ip", table], check=True)
+        assert ("ip", table) not in list_pyhcs_tables()
+        probe = tcp_client(client)
+        probe.settimeout(BLOCKED_WAIT)
+        with pytest.raises(OSError):
+            probe.connect((vip, 80))
+        probe.close()
+        hns.restore()
+        assert ("ip", table) in list_pyhcs_tables()
+        got = [_ask(client, vip, 80) for _ in range(2)]
+        assert sorted(got) == [b"one", b"two"], got
         hns.hns_policy_list_request("DELETE", pl["ID"], "")
         probe = tcp_client(client)
         probe.settimeout(BLOCKED_WAIT)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import json
 import os
 import socket
 import sqlite3
@@ -68,10 +69,13 @@ from pyhcs._network._errors import (
     NetworkError,
     NetworkNotSupportedError,
 )
+from pyhcs._network._nft import LoadBalancer
 from pyhcs._network._policy import (  # apply/remove_endpoint: ACLs, VLAN (policy helper)
     EndpointPolicies,
     apply_endpoint,
+    apply_policy_list,
     endpoint_policies,
+    load_balancers,
     network_policies,
     remove_endpoint,
 )
@@ -1268,7 +1272,28 @@ def restore(*, roots: Roots | None = None) -> list[str]:
             with nl.host() as ipr:
                 nl.delete_link(ipr, host_ifname(erow["id"]))
             _clear_attachment(reg, erow["id"])
+    for prow in reg.query("SELECT id, doc FROM policy_lists ORDER BY created"):
+        try:
+            apply_policy_list(prow["id"], policy_list_balancers(json.loads(prow["doc"]),
+                                                                "Restore", roots=roots))
+        except OSError as e:
+            raise _os_error(prow["id"], "Restore", e) from e
     return rebuilt
+
+
+def policy_list_balancers(doc: dict[str, Any], op: str, *, roots: Roots | None = None
+                          ) -> list[LoadBalancer]:
+    """The load balancers of the policy list *doc* (hcsshim's JSON), over the current
+    addresses of the endpoints it references (``/endpoints/<id>``; those that no longer
+    exist are left out). Raises NetworkError for a bad policy."""
+    backends = []
+    for reference in doc.get("References", []):
+        try:
+            backends.append(get_endpoint(str(reference).rsplit("/", 1)[-1],
+                                         roots=roots).ip_address)
+        except NetworkError:
+            continue
+    return load_balancers(doc.get("Policies", []), backends, "", op)
 
 
 def _attachment_alive(row: sqlite3.Row, reg: Registry) -> bool:

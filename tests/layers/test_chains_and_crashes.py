@@ -145,3 +145,108 @@ def test_kill_9_during_export_leaves_nothing(roots: Roots, tmp_path: Path) -> No
     )
     import_layer_from_tar(info, "again", io.BytesIO(a.getvalue()))
     assert layer_exists(info, "again")
+
+
+# A child that imports 'big' and is killed by SIGKILL exactly between the rename of the
+# finished folder to <home>/big and the write of its registry row.
+_KILLED_BEFORE_ROW = """
+import os, signal, sys
+from pyhcs._registry import Registry
+from pyhcs._layers import DriverInfo, import_layer_from_tar
+execute = Registry.execute
+def execute_or_die(self, sql, params=()):
+    if sql.lstrip().startswith("INSERT INTO layers"):
+        assert os.path.isdir(os.path.join(DriverInfo().home_dir, "big", "fs"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return execute(self, sql, params)
+Registry.execute = execute_or_die
+import_layer_from_tar(DriverInfo(), "big", sys.argv[1])
+"""
+
+
+def _kill_between_rename_and_row(info: DriverInfo, tar: Path) -> Path:
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_ROW, str(tar)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    folder = Path(info.home_dir) / "big"
+    assert (folder / "fs").is_dir() and (folder / ".unpublished").is_file()
+    assert not layer_exists(info, "big")
+    return folder
+
+
+def test_kill_9_between_rename_and_row_is_recovered_by_the_next_store_open(
+    roots: Roots, tmp_path: Path
+) -> None:
+    info = DriverInfo()
+    tar = tmp_path / "small.tar"
+    _big_tar(tar, files=20, size=1000)
+    folder = _kill_between_rename_and_row(info, tar)
+    # The next process that opens the store to create anything removes the orphan.
+    code = (
+        "from pyhcs._layers import DriverInfo, create_layer;"
+        "create_layer(DriverInfo(), 'other', '')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert not folder.exists()
+    assert layer_exists(info, "other")
+    assert _stale(info) == []
+    # ... and the same import then succeeds.
+    import_layer_from_tar(info, "big", str(tar))
+    assert layer_exists(info, "big")
+    assert not (folder / ".unpublished").exists()
+    assert len(list((folder / "fs").rglob("f*"))) == 20
+
+
+def test_kill_9_between_rename_and_row_then_the_same_import_succeeds(
+    roots: Roots, tmp_path: Path
+) -> None:
+    info = DriverInfo()
+    tar = tmp_path / "small.tar"
+    _big_tar(tar, files=20, size=1000)
+    folder = _kill_between_rename_and_row(info, tar)
+    import_layer_from_tar(info, "big", str(tar))  # in this process, which already scanned
+    assert layer_exists(info, "big")
+    assert len(list((folder / "fs").rglob("f*"))) == 20
+    assert _stale(info) == []
+
+
+def test_recovery_never_removes_what_is_not_an_orphan(roots: Roots, tmp_path: Path) -> None:
+    import fcntl
+
+    from pyhcs._errors import ERR_ALREADY_EXISTS, LayerError
+    from pyhcs._layers import create_layer
+
+    info = DriverInfo()
+    tar = tmp_path / "small.tar"
+    _big_tar(tar, files=3, size=10)
+    home = Path(info.home_dir)
+    # A registered layer whose process died before removing the file: kept.
+    kept = Path(import_layer_from_tar(info, "kept", str(tar)))
+    (kept / ".unpublished").touch()
+    # A folder someone else put there, without the file: kept.
+    (home / "users").mkdir()
+    (home / "users" / "data").write_text("mine")
+    # An orphan-looking folder whose publisher is alive (holds the lock): kept.
+    (home / "live" / "fs").mkdir(parents=True)
+    (home / "live" / ".unpublished").touch()
+    fd = os.open(home / "live", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code = (
+            "from pyhcs._layers import DriverInfo, create_layer;"
+            "create_layer(DriverInfo(), 'other', '')"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+        for lid in ("users", "live"):
+            with pytest.raises(LayerError) as e:
+                create_layer(info, lid, "")
+            assert e.value.code is ERR_ALREADY_EXISTS
+    finally:
+        os.close(fd)
+    assert layer_exists(info, "kept") and len(list((kept / "fs").rglob("f*"))) == 3
+    assert (home / "users" / "data").read_text() == "mine"
+    assert (home / "live" / ".unpublished").is_file()
+    # Once its publisher is gone, the orphan goes with the next creation of its id.
+    create_layer(info, "live", "")
+    assert layer_exists(info, "live")
+    assert not (home / "live" / ".unpublished").exists()
+    assert _stale(info) == []

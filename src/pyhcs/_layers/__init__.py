@@ -27,6 +27,8 @@ On-disk format
                                           diff flavour a full copy of the chain)
         .activations                    activate_layer's count (absent: 0)
         .diff-populated                 diff flavour: rootfs/ holds the copied chain
+        .unpublished                    only between the folder's rename and its registry
+                                          row (see "Crash safety")
       .tmp-<id>-<random>/               an import or creation in progress (renamed to <id>
                                           on success, removed on failure)
       .trash-<id>-<random>/             a destroyed layer being removed
@@ -48,7 +50,11 @@ allow are mounted with the new mount API (:mod:`pyhcs._layers._overlay`).
 Crash safety: every temporary folder (``.tmp-*``, ``.trash-*``) is locked (flock) by the
 process filling it; the next operation that creates a folder in the home removes those
 whose process died, so a ``kill -9`` mid-import leaves nothing registered and nothing that
-outlives the next store operation.
+outlives the next store operation. A finished folder is renamed to ``<id>`` before its
+registry row is written; in between it holds an empty ``.unpublished`` file and stays
+locked. A folder with that file, no row and no lock (its process was killed in that window)
+is removed by the first creating operation of each process in that home, and by any later
+import or creation of the same id; folders without the file are never removed that way.
 
 Images (:func:`import_image`, :func:`resolve_image`...) name layer chains and carry an
 image config; :func:`ensure_busybox_image` builds a small real image from the host's

@@ -1,9 +1,9 @@
 """A streaming, hostile-archive-proof extractor for OCI layer tars.
 
-The archive is read once, front to back (``tarfile`` in ``'r|'`` stream mode over our own
-decompressor), and every entry is written by :class:`TreeBuilder` through directory file
-descriptors opened with ``O_NOFOLLOW``, so nothing the archive says can make a write land
-outside the destination:
+The archive is read once, front to back (a strict tar reader of our own, over our own
+decompressor: see :class:`_TarReader`), and every entry is written by :class:`TreeBuilder`
+through directory file descriptors opened with ``O_NOFOLLOW``, so nothing the archive says
+can make a write land outside the destination:
 
 * names that are absolute, contain ``..``, reach PATH_MAX (4096 bytes) or exceed NAME_MAX,
   or hold a NUL are rejected;
@@ -47,6 +47,7 @@ layer store turns both into ``LayerError`` and discards the partial extraction.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -54,10 +55,10 @@ import io
 import lzma
 import os
 import stat
-import tarfile
+import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO, Self
+from typing import IO, Any, BinaryIO
 
 from pyhcs._layers._fsops import (
     DIR_FLAGS,
@@ -89,10 +90,11 @@ __all__ = [
 DEFAULT_MAX_SIZE = 64 << 30
 #: Bound on the entries in one archive; real images have a few hundred thousand at most.
 MAX_ENTRIES = 10_000_000
-#: Bound on one pax or GNU long-name record, which ``tarfile`` reads into memory whole.
+#: Bound on one pax or GNU long-name record, which is read into memory whole.
 MAX_HEADER_SIZE = 1 << 20
 
 _PATH_MAX = 4096
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME_MAX = 255
 _CHUNK = 1 << 20
 _WH_PREFIX = b".wh."
@@ -100,9 +102,9 @@ _WH_OPAQUE = b".wh..wh..opq"
 _WH_META = b".wh..wh."
 # aufs bookkeeping some old images carry at their root; docker skips them, so do we.
 _AUFS_META = (b".wh..wh.plnk", b".wh..wh.aufs", b".wh..wh.orph")
-_XATTR_PAX_PREFIX = "SCHILY.xattr."
-_KEPT_XATTRS = ("security.capability",)
-_KEPT_XATTR_PREFIXES = ("user.",)
+_XATTR_PAX_PREFIX = b"SCHILY.xattr."
+_KEPT_XATTRS = (b"security.capability",)
+_KEPT_XATTR_PREFIXES = (b"user.",)
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to chown; anything above is invalid
 _NS_MAX = (1 << 63) - 1
 
@@ -156,7 +158,16 @@ class _HashingRaw(io.RawIOBase):
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
-        n = read_full(self._src, view)
+        readinto = getattr(self._src, "readinto", None)
+        if readinto is None:
+            n = read_full(self._src, view)
+        else:  # a file: read straight into the buffer, no intermediate bytes
+            n = 0
+            while n < len(view):
+                got = readinto(view[n:])
+                if not got:
+                    break
+                n += got
         self.hash.update(view[:n])
         self.count += n
         return n
@@ -184,79 +195,306 @@ def _decompressor(buffered: io.BufferedReader[_HashingRaw]) -> io.BufferedIOBase
     return buffered
 
 
-class _Limited(io.RawIOBase):
-    """The uncompressed archive stream, counted (and hashed, for the diff id) as ``tarfile``
-    reads it: past *limit* bytes it raises, so a compression bomb stops at the limit."""
+class _Input:
+    """The uncompressed archive stream behind one buffer: headers are parsed from it and file
+    data is written from it without further copies.
+
+    Every byte read is counted (and, for a compressed archive, hashed for the diff id); past
+    *limit* bytes it raises, so a compression bomb stops at the limit.
+    """
 
     def __init__(self, src: io.BufferedIOBase, limit: int, hashed: bool) -> None:
-        super().__init__()
         self._src = src
         self._limit = limit
         self.count = 0
         self.hash = hashlib.sha256() if hashed else None
+        # take() returns up to a whole metadata record from the buffer.
+        self._buf = bytearray(max(_CHUNK, MAX_HEADER_SIZE))
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        self._end = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        n = self._src.readinto(view)
+    def _read(self, at: int) -> int:
+        """Read into the buffer from *at* to its end; 0 at the end of the stream."""
+        n = self._src.readinto(self._view[at:])
         if not n:
             return 0
         self.count += n
         if self.count > self._limit:
-            raise ArchiveError(
-                f"archive expands beyond the {self._limit}-byte limit (max_size)"
-            )
+            raise ArchiveError(f"archive expands beyond the {self._limit}-byte limit (max_size)")
         if self.hash is not None:
-            self.hash.update(view[:n])
+            self.hash.update(self._view[at : at + n])
         return n
 
+    def take(self, n: int) -> bytes:
+        """The next *n* bytes (at most the buffer's size); fewer only at the end."""
+        if self._end - self._pos < n:
+            rest = self._end - self._pos
+            self._buf[:rest] = bytes(self._view[self._pos : self._end])
+            self._pos, self._end = 0, rest
+            while self._end < n:
+                got = self._read(self._end)
+                if not got:
+                    break
+                self._end += got
+        out = bytes(self._view[self._pos : min(self._pos + n, self._end)])
+        self._pos += len(out)
+        return out
 
-class _StrictTarInfo(tarfile.TarInfo):
-    """A TarInfo that turns what ``tarfile`` would silently forgive into errors.
+    def copy_to(self, fd: int, n: int) -> int:
+        """Write the next *n* bytes to *fd* (-1: discard them); returns the bytes there were."""
+        left = n
+        while left:
+            if self._pos == self._end:
+                self._pos = self._end = 0
+                self._end = self._read(0)
+                if not self._end:
+                    break
+            k = min(left, self._end - self._pos)
+            if fd >= 0:
+                write_all(fd, self._view[self._pos : self._pos + k])
+            self._pos += k
+            left -= k
+        return n - left
 
-    In stream mode ``tarfile`` treats a missing, short or corrupt header after the first as
-    the end of the archive: a truncated layer would import as a smaller one. Here such a
-    header raises :class:`ArchiveError`, which ``tarfile`` lets through; only the real
-    end-of-archive marker (a zero block) ends the iteration. Oversized metadata records are
-    refused before ``tarfile`` reads them into memory, and GNU sparse files (whose maps are
-    unbounded) are refused outright.
+    def drain(self) -> None:
+        """Read on to the end of the stream."""
+        self._pos = self._end = 0
+        while self._read(0):
+            pass
+
+
+_BLOCKSIZE = 512
+_ZERO_BLOCK = bytes(_BLOCKSIZE)
+_POSIX_MAGIC = b"ustar\x00"
+_REG_TYPES = (b"0", b"\x00", b"7")  # regular, old regular, contiguous: all carry data
+_OTHER_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+_PAX_TYPES = (b"x", b"X")  # X: Solaris's name for the same record
+_GLOBAL_TYPE = b"g"
+_LONGNAME_TYPE = b"L"
+_LONGLINK_TYPE = b"K"
+_META_TYPE_SET = frozenset((*_PAX_TYPES, _GLOBAL_TYPE, _LONGNAME_TYPE, _LONGLINK_TYPE))
+_CHECKSUM = struct.Struct("148b8x356b")
+
+
+def _nts(field: bytes) -> bytes:
+    """A NUL-terminated header string."""
+    p = field.find(b"\x00")
+    return field if p < 0 else field[:p]
+
+
+def _nti(field: bytes) -> int:
+    """A header number: octal text, or GNU's base-256 (first byte 0x80 or 0xff)."""
+    text = field.partition(b"\x00")[0]
+    if text.isdigit():  # the common case, zero-padded octal digits (ASCII: field is bytes)
+        try:
+            return int(text, 8)
+        except ValueError:  # an 8 or a 9
+            raise ArchiveError("corrupt tar header: invalid number field") from None
+    if field[0] & 0x80:
+        if field[0] not in (0o200, 0o377):
+            raise ArchiveError("corrupt tar header: invalid number field")
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
+    text = text.strip()
+    if not text:
+        return 0
+    if text.isdigit():
+        with contextlib.suppress(ValueError):
+            return int(text, 8)
+    raise ArchiveError("corrupt tar header: invalid number field")
+
+
+# Owners and modes repeat from entry to entry: parsed once each (a bounded cache).
+_SMALL_NUMBERS: dict[bytes, int] = {}
+
+
+def _nti_small(field: bytes) -> int:
+    n = _SMALL_NUMBERS.get(field)
+    if n is None:
+        n = _nti(field)
+        if len(_SMALL_NUMBERS) < 4096:
+            _SMALL_NUMBERS[field] = n
+    return n
+
+
+def _parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """The ``length keyword=value\\n`` records of a pax header (values as raw bytes)."""
+    out: dict[bytes, bytes] = {}
+    pos, n = 0, len(data)
+    while pos < n:
+        sp = data.find(b" ", pos, pos + 21)
+        if sp < 0:
+            if not data[pos:].strip(b"\x00"):
+                break  # NUL padding after the last record
+            raise ArchiveError("corrupt pax header: malformed record")
+        digits = data[pos:sp]
+        if not digits.isdigit() or not digits.isascii():
+            raise ArchiveError("corrupt pax header: malformed record length")
+        end = pos + int(digits)
+        eq = data.find(b"=", sp + 1, end)
+        if end > n or end <= sp + 1 or eq <= sp + 1 or data[end - 1] != 0x0A:
+            raise ArchiveError("corrupt pax header: malformed record")
+        out[data[sp + 1 : eq]] = data[eq + 1 : end - 1]
+        pos = end
+    return out
+
+
+class _Member:
+    """One archive entry as the extractor needs it; names are the archive's raw bytes."""
+
+    __slots__ = (
+        "devmajor",
+        "devminor",
+        "gid",
+        "linkname",
+        "mode",
+        "mtime_ns",
+        "name",
+        "size",
+        "type",
+        "uid",
+        "xattrs",
+    )
+
+    def __init__(self) -> None:
+        self.name = b""
+        self.type = b"0"
+        self.size = 0
+        self.mode = 0
+        self.uid = 0
+        self.gid = 0
+        self.mtime_ns = 0
+        self.linkname = b""
+        self.devmajor = 0
+        self.devminor = 0
+        self.xattrs: dict[bytes, bytes] = {}
+
+
+class _TarReader:
+    """A strict, forward-only reader of ustar / pax / GNU tar headers.
+
+    ``tarfile`` forgives what a layer must not: in stream mode a missing, short or corrupt
+    header after the first reads as the end of the archive, so a truncated layer would
+    import as a smaller one. Here only a real end-of-archive marker (a zero block) ends the
+    archive; a bad checksum, a short header, a metadata record (pax, GNU long name) over
+    :data:`MAX_HEADER_SIZE`, a dangling metadata record, GNU sparse files and unknown entry
+    types are errors. File data is left in the input for the caller to copy or skip.
     """
 
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-        if len(buf) == 0:
+    def __init__(self, src: _Input) -> None:
+        self._src = src
+        self._global: dict[bytes, bytes] = {}
+
+    def _header(self) -> bytes | None:
+        hdr = self._src.take(_BLOCKSIZE)
+        if len(hdr) == 0:
             raise ArchiveError("archive is truncated: it ends without an end-of-archive marker")
-        if len(buf) != tarfile.BLOCKSIZE:
+        if len(hdr) != _BLOCKSIZE:
             raise ArchiveError("archive is truncated inside a header")
-        if buf.count(0) == tarfile.BLOCKSIZE:
-            # The end-of-archive marker: let tarfile see it and end the iteration.
-            return super().frombuf(buf, encoding, errors)
-        try:
-            obj = super().frombuf(buf, encoding, errors)
-        except tarfile.HeaderError as e:
-            raise ArchiveError(f"corrupt tar header: {e}") from None
-        if obj.type in _META_TYPES and obj.size > MAX_HEADER_SIZE:
+        if hdr == _ZERO_BLOCK:
+            return None
+        unsigned = 256 + sum(hdr[:148]) + sum(hdr[156:])
+        field = hdr[148:156]
+        if field == b"%06o\x00 " % unsigned:  # as GNU tar and Python write it
+            return hdr
+        chk = _nti(field)
+        if chk != unsigned and chk != 256 + sum(_CHECKSUM.unpack(hdr)):
+            raise ArchiveError("corrupt tar header: bad checksum")
+        return hdr
+
+    def _record(self, size: int) -> bytes:
+        if not 0 <= size <= MAX_HEADER_SIZE:
             raise ArchiveError(
-                f"tar metadata record of {obj.size} bytes exceeds the {MAX_HEADER_SIZE}-byte limit"
+                f"tar metadata record of {size} bytes exceeds the {MAX_HEADER_SIZE}-byte limit"
             )
-        return obj
+        data = self._src.take(size)
+        if len(data) != size or self._src.copy_to(-1, -size % _BLOCKSIZE) != -size % _BLOCKSIZE:
+            raise ArchiveError("archive is truncated inside a metadata record")
+        return data
 
-    def _proc_sparse(self, tarfile: tarfile.TarFile) -> _StrictTarInfo:
-        raise ArchiveError("GNU sparse files are not supported in layers")
+    def next(self) -> _Member | None:
+        """The next entry, or None after the end-of-archive marker."""
+        longname = longlink = None
+        pax: dict[bytes, bytes] | None = None
+        while True:
+            hdr = self._header()
+            if hdr is None:
+                if longname is not None or longlink is not None or pax is not None:
+                    raise ArchiveError("archive ends right after a metadata record")
+                return None
+            typ = hdr[156:157]
+            if typ not in _META_TYPE_SET:
+                break
+            data = self._record(_nti(hdr[124:136]))
+            if typ == _LONGNAME_TYPE:
+                longname = _nts(data)
+            elif typ == _LONGLINK_TYPE:
+                longlink = _nts(data)
+            elif typ == _GLOBAL_TYPE:
+                self._global.update(_parse_pax(data))
+            else:
+                pax = pax or {}
+                pax.update(_parse_pax(data))
+        if self._global:
+            pax = {**self._global, **(pax or {})}
+        m = _Member()
+        m.type = typ
+        name = _nts(hdr[0:100])
+        if hdr[257:263] == _POSIX_MAGIC:
+            prefix = _nts(hdr[345:500])
+            if prefix:
+                name = prefix + b"/" + name
+        m.name = longname if longname is not None else name
+        m.linkname = longlink if longlink is not None else _nts(hdr[157:257])
+        m.size = _nti(hdr[124:136])
+        m.mode = _nti_small(hdr[100:108]) & 0o7777
+        m.uid = _nti_small(hdr[108:116])
+        m.gid = _nti_small(hdr[116:124])
+        mtime = _nti(hdr[136:148])
+        m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, mtime * 1_000_000_000))
+        if typ in (b"3", b"4"):
+            m.devmajor = _nti(hdr[329:337])
+            m.devminor = _nti(hdr[337:345])
+        if pax:
+            self._apply_pax(m, pax)
+        if typ == b"S":
+            raise ArchiveError(
+                f"{_show_bytes(m.name)}: GNU sparse files are not supported in layers"
+            )
+        if typ == b"\x00" and m.name.endswith(b"/"):
+            m.type = b"5"  # old V7 archives mark directories by a trailing slash only
+        elif typ not in _REG_TYPES and typ not in _OTHER_TYPES:
+            raise ArchiveError(
+                f"entry {_show_bytes(m.name)}: unsupported tar entry type {typ!r}"
+            )
+        if m.size < 0:
+            raise ArchiveError(f"entry {_show_bytes(m.name)}: negative size")
+        return m
 
-    def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tarfile: Any) -> None:
-        raise ArchiveError("GNU sparse files are not supported in layers")
-
-
-_META_TYPES = (
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-)
+    @staticmethod
+    def _apply_pax(m: _Member, pax: dict[bytes, bytes]) -> None:
+        for key, value in pax.items():
+            if key == b"path":
+                m.name = value
+            elif key == b"linkpath":
+                m.linkname = value
+            elif key in (b"size", b"uid", b"gid"):
+                if not value.isdigit() or not value.isascii():
+                    raise ArchiveError(f"corrupt pax header: invalid {key.decode()} {value!r}")
+                setattr(m, key.decode(), int(value))
+            elif key == b"mtime":
+                ns = _decimal_ns(value.decode("ascii", "replace"))
+                if ns is not None:
+                    m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, ns))
+            elif key.startswith(_XATTR_PAX_PREFIX):
+                name = key[len(_XATTR_PAX_PREFIX) :]
+                if name in _KEPT_XATTRS or name.startswith(_KEPT_XATTR_PREFIXES):
+                    m.xattrs[name] = value
+            elif key.startswith(b"GNU.sparse."):
+                raise ArchiveError(
+                    f"{_show_bytes(m.name)}: GNU sparse files are not supported in layers"
+                )
 
 
 def _show(name: str) -> str:
@@ -264,44 +502,41 @@ def _show(name: str) -> str:
     return repr(name if len(name) <= 120 else name[:100] + "...")
 
 
+def _show_bytes(name: bytes) -> str:
+    return _show(os.fsdecode(name))
+
+
 def split(name: str, what: str) -> tuple[bytes, ...]:
     """Split a layer path into components, rejecting anything that could escape: absolute
     names, ``..``, NUL bytes, names of PATH_MAX bytes or more, components over NAME_MAX."""
-    raw = os.fsencode(name)
+    return split_bytes(os.fsencode(name), what)
+
+
+def split_bytes(raw: bytes, what: str) -> tuple[bytes, ...]:
+    """:func:`split` for a name in the file system's bytes."""
     if b"\x00" in raw:
-        raise ArchiveError(f"{what} {_show(name)} contains a NUL byte")
+        raise ArchiveError(f"{what} {_show_bytes(raw)} contains a NUL byte")
     if len(raw) >= _PATH_MAX:
         raise ArchiveError(f"{what} is longer than PATH_MAX ({len(raw)} bytes)")
     if raw.startswith(b"/"):
-        raise ArchiveError(f"{what} {_show(name)} is absolute")
-    parts = tuple(p for p in raw.split(b"/") if p not in (b"", b"."))
-    for p in parts:
-        if p == b"..":
-            raise ArchiveError(f"{what} {_show(name)} contains '..'")
-        if len(p) > _NAME_MAX:
-            raise ArchiveError(f"{what} {_show(name)} has a component longer than NAME_MAX")
-    return parts
-
-
-def _mtime_ns(m: tarfile.TarInfo) -> int:
-    exact = m.pax_headers.get("mtime")
-    if exact is not None:
-        # tarfile turns the pax record into a float, which drops nanoseconds.
-        ns = _decimal_ns(exact)
-        if ns is not None:
-            return max(-_NS_MAX, min(_NS_MAX, ns))
-    try:
-        ns = int(m.mtime * 1_000_000_000)
-    except (OverflowError, ValueError):
-        return 0
-    return max(-_NS_MAX, min(_NS_MAX, ns))
+        raise ArchiveError(f"{what} {_show_bytes(raw)} is absolute")
+    parts = raw.split(b"/")
+    if b"" in parts or b"." in parts:
+        parts = [p for p in parts if p and p != b"."]
+    if b".." in parts:
+        raise ArchiveError(f"{what} {_show_bytes(raw)} contains '..'")
+    if len(raw) > _NAME_MAX and max(map(len, parts)) > _NAME_MAX:
+        raise ArchiveError(f"{what} {_show_bytes(raw)} has a component longer than NAME_MAX")
+    return tuple(parts)
 
 
 def _decimal_ns(text: str) -> int | None:
     """Nanoseconds from a pax time record (``[-]seconds[.fraction]``), or None."""
     neg = text.startswith("-")
     sec, _, frac = text.removeprefix("-").partition(".")
-    if not sec.isdigit() or len(sec) > 12 or (frac and not frac.isdigit()):
+    if not (sec.isascii() and sec.isdigit()) or len(sec) > 12:
+        return None
+    if frac and not (frac.isascii() and frac.isdigit()):
         return None
     ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
     return -ns if neg else ns
@@ -337,8 +572,14 @@ class TreeBuilder:
     """
 
     def __init__(self, root_fd: int) -> None:
-        self.cache = DirCache(root_fd)
+        self.cache = DirCache(root_fd, size=128)
         self.dirs: dict[tuple[bytes, ...], Meta] = {(): Meta()}
+        # What this root creates is then owned by 0:0 already (no parent is ever setgid
+        # while entries are written: directory modes come last, in finish()).
+        root = os.fstat(root_fd)
+        self.creator_is_root = (
+            os.geteuid() == 0 and os.getegid() == 0 and not root.st_mode & stat.S_ISGID
+        )
 
     def close(self) -> None:
         self.cache.close()
@@ -349,8 +590,14 @@ class TreeBuilder:
         """The directory holding *parts*' last component, made if missing (borrowed fd)."""
         anc = parts[:-1]
         if anc not in self.dirs:
-            for i in range(1, len(anc) + 1):
-                self.dirs.setdefault(anc[:i], Meta())
+            # Every directory this builder made is in self.dirs: those not there are new.
+            fresh = 0
+            for i in range(len(anc), 0, -1):
+                if anc[:i] in self.dirs:
+                    break
+                self.dirs[anc[:i]] = _IMPLICIT
+                fresh += 1
+            return self.cache.get(anc, create=True, fresh=fresh)
         return self.cache.get(anc, create=True)
 
     def lstat(self, parts: tuple[bytes, ...]) -> os.stat_result | None:
@@ -394,30 +641,36 @@ class TreeBuilder:
             self.dirs[()] = meta
             return
         pfd = self.parent(parts)
-        if not self.clear(pfd, parts, keep_dir=True):
+        try:
             os.mkdir(parts[-1], 0o700, dir_fd=pfd)
+        except FileExistsError:
+            if not self.clear(pfd, parts, keep_dir=True):
+                os.mkdir(parts[-1], 0o700, dir_fd=pfd)
         self.dirs[parts] = meta
 
     def create_file(self, parts: tuple[bytes, ...]) -> int:
         """Create the regular file *parts* (empty, 0600) and return its fd (caller closes;
         call :meth:`apply` once its data is written)."""
         pfd = self.parent(parts)
-        self.clear(pfd, parts)
-        return os.open(
-            parts[-1],
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=pfd,
-        )
+        # O_EXCL never follows a symlink; a name already taken (a later entry wins) is
+        # removed, not followed, and the create tried once more.
+        try:
+            return os.open(parts[-1], _CREATE_FLAGS, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            self.clear(pfd, parts)
+        return os.open(parts[-1], _CREATE_FLAGS, 0o600, dir_fd=pfd)
 
     def symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:
         if not target or b"\x00" in target or len(target) >= _PATH_MAX:
             raise ArchiveError(f"{_show_parts(parts)}: invalid symlink target")
         pfd = self.parent(parts)
-        self.clear(pfd, parts)
         # Stored verbatim, never followed: an absolute target is resolved only inside the
         # container's root.
-        os.symlink(target, parts[-1], dir_fd=pfd)
+        try:
+            os.symlink(target, parts[-1], dir_fd=pfd)
+        except FileExistsError:
+            self.clear(pfd, parts)
+            os.symlink(target, parts[-1], dir_fd=pfd)
         os.chown(parts[-1], meta.uid, meta.gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(parts[-1], ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
@@ -468,18 +721,34 @@ class TreeBuilder:
         """Mark the directory *parts* opaque (made if missing)."""
         if parts:
             self.parent(parts)
-            self.dirs.setdefault(parts, Meta())
+            self.dirs.setdefault(parts, _IMPLICIT)
         fd = self.cache.get(parts, create=True)
         os.setxattr(fd, OPAQUE_XATTR, b"y")
 
     def finish(self) -> None:
         """Apply directory owners, modes, xattrs and times, now that their children exist."""
         for parts in sorted(self.dirs):
+            meta = self.dirs[parts]
+            if meta is _IMPLICIT and parts and self.creator_is_root:
+                # Made by open_dir_beneath as 0755, owned by us (root): only the time
+                # is left, set by name (AT_SYMLINK_NOFOLLOW: never through a symlink).
+                try:
+                    pfd = self.cache.get(parts[:-1])
+                except (FileNotFoundError, UnsafePathError):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(parts[-1], ns=(0, 0), dir_fd=pfd, follow_symlinks=False)
+                continue
             try:
                 fd = self.cache.get(parts)
             except (FileNotFoundError, UnsafePathError):
                 continue  # replaced by a later entry
-            self.apply(fd, self.dirs[parts])
+            self.apply(fd, meta)
+
+
+#: The metadata of directories no entry describes (implicit parents): 0755, 0:0, mtime 0.
+#: Compared by identity: an entry that describes the same metadata is applied in full.
+_IMPLICIT = Meta()
 
 
 def _show_parts(parts: tuple[bytes, ...]) -> str:
@@ -494,111 +763,110 @@ def check_entry_name(parts: tuple[bytes, ...], name: str) -> None:
                                "for whiteouts")
 
 
-@dataclass
 class _Extractor:
-    builder: TreeBuilder
-    max_size: int
-    size: int = 0
-    entries: int = 0
+    def __init__(self, builder: TreeBuilder, src: _Input, max_size: int) -> None:
+        self.builder = builder
+        self.src = src
+        self.max_size = max_size
+        self.size = 0
+        self.entries = 0
 
-    def charge(self, n: int) -> None:
-        self.size += n
-        if self.size > self.max_size:
-            raise ArchiveError(f"archive expands beyond the {self.max_size}-byte limit (max_size)")
-
-    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def entry(self, m: _Member) -> None:
         self.entries += 1
         if self.entries > MAX_ENTRIES:
             raise ArchiveError(f"archive has more than {MAX_ENTRIES} entries")
-        if m.isreg() or m.type not in tarfile.SUPPORTED_TYPES:
-            # tarfile stores (and skips) data only for these; charge it before reading any.
-            self.charge(max(0, m.size))
-        if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
-            raise ArchiveError(f"{_show(m.name)}: GNU sparse files are not supported in layers")
-        parts = split(m.name, "entry name")
+        typ = m.type
+        if typ in _REG_TYPES:
+            # Charged before any of it is read: a bomb stops at the limit.
+            self.size += m.size
+            if self.size > self.max_size:
+                raise ArchiveError(
+                    f"archive expands beyond the {self.max_size}-byte limit (max_size)"
+                )
+        parts = split_bytes(m.name, "entry name")
         b = self.builder
         if not parts:
-            if not m.isdir():
+            if typ != b"5":
                 raise ArchiveError(
-                    f"entry {_show(m.name)} names the layer root but is not a directory"
+                    f"entry {_show_bytes(m.name)} names the layer root but is not a directory"
                 )
             b.mkdir((), self._meta(m))
             return
-        if parts[0] in _AUFS_META:
-            return  # aufs bookkeeping: skipped, as docker does
-        for p in parts[:-1]:
-            if p.startswith(_WH_PREFIX):
-                raise ArchiveError(f"entry {_show(m.name)}: a whiteout name cannot be a directory")
-        base = parts[-1]
-        if base == _WH_OPAQUE:
-            b.opaque(parts[:-1])
-            return
-        if base.startswith(_WH_META):
-            raise ArchiveError(f"entry {_show(m.name)}: unknown whiteout metadata name")
-        if base.startswith(_WH_PREFIX):
-            target = base[len(_WH_PREFIX) :]
-            if target in (b"", b".", b".."):
-                raise ArchiveError(f"entry {_show(m.name)}: malformed whiteout name")
-            b.whiteout((*parts[:-1], target), _mtime_ns(m))
-            return
-        meta = self._meta(m)
-        if m.isdir():
-            b.mkdir(parts, meta)
-        elif m.isreg():
-            self._file(tf, parts, m, meta)
-        elif m.issym():
-            b.symlink(parts, os.fsencode(m.linkname), meta)
-        elif m.islnk():
-            b.hardlink(parts, split(m.linkname, f"hard link target of {_show(m.name)}"))
-        elif m.ischr() and m.devmajor == 0 and m.devminor == 0:
-            b.whiteout(parts, meta.mtime_ns)
-        elif m.isfifo():
-            b.mknod(parts, stat.S_IFIFO, 0, meta)
-        elif m.ischr() or m.isblk():
-            kind = "block" if m.isblk() else "character"
-            raise ArchiveError(
-                f"entry {_show(m.name)}: {kind} device {m.devmajor}:{m.devminor} is not allowed "
-                "in a layer (only the 0:0 whiteout is)"
-            )
+        if _WH_PREFIX in m.name:
+            if parts[0] in _AUFS_META:
+                if typ in _REG_TYPES:
+                    self._skip(m)
+                return  # aufs bookkeeping: skipped, as docker does
+            for p in parts[:-1]:
+                if p.startswith(_WH_PREFIX):
+                    raise ArchiveError(
+                        f"entry {_show_bytes(m.name)}: a whiteout name cannot be a directory"
+                    )
+            base = parts[-1]
+            if base == _WH_OPAQUE:
+                b.opaque(parts[:-1])
+                self._skip(m)
+                return
+            if base.startswith(_WH_META):
+                raise ArchiveError(f"entry {_show_bytes(m.name)}: unknown whiteout metadata name")
+            if base.startswith(_WH_PREFIX):
+                target = base[len(_WH_PREFIX) :]
+                if target in (b"", b".", b".."):
+                    raise ArchiveError(f"entry {_show_bytes(m.name)}: malformed whiteout name")
+                b.whiteout((*parts[:-1], target), m.mtime_ns)
+                self._skip(m)
+                return
+        if typ in _REG_TYPES:
+            self._file(parts, m)
+        elif typ == b"5":
+            b.mkdir(parts, self._meta(m))
+        elif typ == b"2":
+            b.symlink(parts, m.linkname, self._meta(m))
+        elif typ == b"1":
+            b.hardlink(parts, split_bytes(m.linkname, f"hard link target of {_show_bytes(m.name)}"))
+        elif typ == b"3" and m.devmajor == 0 and m.devminor == 0:
+            b.whiteout(parts, self._meta(m).mtime_ns)
+        elif typ == b"6":
+            b.mknod(parts, stat.S_IFIFO, 0, self._meta(m))
         else:
-            raise ArchiveError(f"entry {_show(m.name)}: unsupported tar entry type {m.type!r}")
+            kind = "block" if typ == b"4" else "character"
+            raise ArchiveError(
+                f"entry {_show_bytes(m.name)}: {kind} device {m.devmajor}:{m.devminor} is not "
+                "allowed in a layer (only the 0:0 whiteout is)"
+            )
 
     @staticmethod
-    def _meta(m: tarfile.TarInfo) -> Meta:
-        check_ids(m.uid, m.gid, f"entry {_show(m.name)}")
-        return Meta(stat.S_IMODE(m.mode), m.uid, m.gid, _mtime_ns(m), _xattrs(m))
+    def _meta(m: _Member) -> Meta:
+        check_ids(m.uid, m.gid, f"entry {_show_bytes(m.name)}")
+        return Meta(m.mode, m.uid, m.gid, m.mtime_ns, m.xattrs)
 
-    def _file(
-        self, tf: tarfile.TarFile, parts: tuple[bytes, ...], m: tarfile.TarInfo, meta: Meta
-    ) -> None:
+    def _skip(self, m: _Member) -> None:
+        """Skip the data (and padding) of a regular-file entry that is not written."""
+        if m.type in _REG_TYPES:
+            n = m.size + (-m.size % _BLOCKSIZE)
+            if self.src.copy_to(-1, n) != n:
+                raise ArchiveError(
+                    f"entry {_show_bytes(m.name)}: archive is truncated inside its data"
+                )
+
+    def _file(self, parts: tuple[bytes, ...], m: _Member) -> None:
+        meta = self._meta(m)
         fd = self.builder.create_file(parts)
         try:
-            src = tf.extractfile(m)
-            if src is None:  # pragma: no cover - isreg() members always have data
-                raise ArchiveError(f"entry {_show(m.name)}: no data")
-            written = 0
-            while True:
-                chunk = src.read(_CHUNK)
-                if not chunk:
-                    break
-                write_all(fd, chunk)
-                written += len(chunk)
-            if written != m.size:
-                raise ArchiveError(f"entry {_show(m.name)}: archive is truncated inside its data")
-            TreeBuilder.apply(fd, meta)
+            if self.src.copy_to(fd, m.size) != m.size or self.src.copy_to(
+                -1, -m.size % _BLOCKSIZE
+            ) != -m.size % _BLOCKSIZE:
+                raise ArchiveError(
+                    f"entry {_show_bytes(m.name)}: archive is truncated inside its data"
+                )
+            if meta.uid or meta.gid or not self.builder.creator_is_root:
+                os.fchown(fd, meta.uid, meta.gid)  # else it is 0:0 already
+            os.fchmod(fd, meta.mode)
+            for k, v in meta.xattrs.items():
+                os.setxattr(fd, k, v)
+            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
         finally:
             os.close(fd)
-
-
-def _xattrs(m: tarfile.TarInfo) -> dict[bytes, bytes]:
-    out: dict[bytes, bytes] = {}
-    for key, value in m.pax_headers.items():
-        if not key.startswith(_XATTR_PAX_PREFIX):
-            continue
-        name = key[len(_XATTR_PAX_PREFIX) :]
-        if name in _KEPT_XATTRS or name.startswith(_KEPT_XATTR_PREFIXES):
-            out[name.encode("utf-8", "surrogateescape")] = value.encode("utf-8", "surrogateescape")
-    return out
 
 
 def extract_tar(
@@ -618,49 +886,40 @@ def extract_tar(
     try:
         raw = _HashingRaw(source)
         buffered = io.BufferedReader(raw, _CHUNK)
-        ex = _Extractor(builder, max_size)
         try:
             stream = _decompressor(buffered)
-            limited = _Limited(stream, max_size, hashed=stream is not buffered)
-            with tarfile.open(
-                fileobj=io.BufferedReader(limited, _CHUNK),
-                mode="r|",
-                tarinfo=_StrictTarInfo,
-            ) as tf:
-                while True:
-                    m = tf.next()
-                    if m is None:
-                        break
-                    # In stream mode tarfile keeps every member it has seen; we do not
-                    # need them, and a huge archive would otherwise pin them all in memory.
-                    tf.members.clear()  # type: ignore[attr-defined]
-                    try:
-                        ex.entry(tf, m)
-                    except UnsafePathError as e:
-                        raise ArchiveError(f"entry {_show(m.name)}: {e}") from None
-                    except OSError as e:
-                        if e.errno == errno.ENAMETOOLONG:
-                            raise ArchiveError(f"entry {_show(m.name)}: name too long") from None
-                        raise
-                builder.finish()
-                # Read on to the end: it makes gzip/zstd/xz/bzip2 verify their checksums,
-                # and the digests must cover the whole archive, trailing padding included.
-                fileobj = tf.fileobj
-                while fileobj.read(_CHUNK):
-                    pass
+            src = _Input(stream, max_size, hashed=stream is not buffered)
+            reader = _TarReader(src)
+            ex = _Extractor(builder, src, max_size)
+            while True:
+                m = reader.next()
+                if m is None:
+                    break
+                try:
+                    ex.entry(m)
+                except UnsafePathError as e:
+                    raise ArchiveError(f"entry {_show_bytes(m.name)}: {e}") from None
+                except OSError as e:
+                    if e.errno == errno.ENAMETOOLONG:
+                        raise ArchiveError(f"entry {_show_bytes(m.name)}: name too long") from None
+                    raise
+            builder.finish()
+            # Read on to the end: it makes gzip/zstd/xz/bzip2 verify their checksums, and
+            # the digests must cover the whole archive, trailing padding included.
+            src.drain()
             if stream is not buffered:
                 while buffered.read(_CHUNK):
                     pass
         except ArchiveError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, ZstdError) as e:
-            raise ArchiveError(f"corrupt or truncated archive: {e}") from e
         except gzip.BadGzipFile as e:
             raise ArchiveError(f"corrupt gzip stream: {e}") from e
+        except (EOFError, zlib.error, lzma.LZMAError, ZstdError) as e:
+            raise ArchiveError(f"corrupt or truncated archive: {e}") from e
         except ValueError as e:
             raise ArchiveError(f"malformed archive: {e}") from e
         digest = raw.hash.hexdigest()
-        diff_id = limited.hash.hexdigest() if limited.hash is not None else digest
+        diff_id = src.hash.hexdigest() if src.hash is not None else digest
         return ExtractResult(digest, ex.size, ex.entries, diff_id)
     finally:
         builder.close()

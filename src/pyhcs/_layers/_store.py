@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -263,6 +264,85 @@ def _recover(home: str) -> None:
             os.close(fd)
 
 
+# A layer folder is renamed into place before its registry row is written; until the row is
+# committed it holds this (empty) file, and the publishing process holds the flock it held
+# on the temporary folder. A folder with the file, no row and no lock is a layer whose
+# publisher died in between: recovery removes it.
+_UNPUBLISHED = ".unpublished"
+# (database, home) pairs whose orphans this process has looked for: once per process.
+_ORPHAN_SCANS: set[tuple[str, str]] = set()
+
+
+def _recover_orphans(reg: Registry, home: str) -> None:
+    """Remove, once per process and home, the layer folders of publishers that died between
+    renaming the folder into place and registering it (see :func:`_reclaim_orphan`)."""
+    key = (str(reg.path), home)
+    if key in _ORPHAN_SCANS:
+        return
+    try:
+        names = os.listdir(home)
+    except OSError:
+        return
+    _ORPHAN_SCANS.add(key)
+    registered = {r["path"] for r in reg.query("SELECT path FROM layers")}
+    for name in names:
+        folder = os.path.join(home, name)
+        if _ID_RE.fullmatch(name) and folder not in registered:
+            _reclaim_orphan(reg, folder)
+
+
+def _reclaim_orphan(reg: Registry, folder: str) -> bool:
+    """Remove *folder* if it is certainly an unpublished layer of a dead pyhcs process: it
+    holds the ``.unpublished`` file, nobody holds its lock, and no registry row names it.
+    Anything else (a registered layer, a live publisher's folder, a folder pyhcs did not
+    make) is left alone. Returns True if it was removed."""
+    marker = os.path.join(folder, _UNPUBLISHED)
+    if folder in _TEMP_LOCKS or not _is_marker(marker):
+        return False
+    try:
+        fd = open_dir(folder)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # its publisher is alive
+        # Checked again under the lock: a live publisher removes the file before unlocking.
+        if not _is_marker(marker):
+            return False
+        layer_id = os.path.basename(folder)
+        row = _row(reg, layer_id)
+        if row is not None and os.path.realpath(row["path"]) == os.path.realpath(folder):
+            # Killed after its row was written: a real layer; only the file is stale.
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+            return False
+        if mounts_under(folder):
+            return False
+        # Renamed aside first (the id is free at once); a .trash-* folder nobody holds is
+        # removed by the next recovery if this one dies before it finishes.
+        trash = os.path.join(
+            os.path.dirname(folder), f".trash-{layer_id}-orphan-{os.urandom(6).hex()}"
+        )
+        try:
+            rename_noreplace(folder, trash)
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):
+            remove_tree(trash)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _is_marker(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _new_temp(home: str, label: str, layer_id: str, op: str) -> str:
     """A fresh ``<home>/.tmp-<label>-<random>`` folder, locked by this process until
     :func:`_publish` or :func:`_discard`; stale ones of dead processes are removed first."""
@@ -322,10 +402,24 @@ def _publish(
     size: int = 0,
 ) -> None:
     """Move the finished *tmp* folder to *folder* and register it; undo the move if the
-    registry refuses. Until this returns, no one can see the layer."""
+    registry refuses. Until this returns, no one can see the layer.
+
+    Between the move and the registry row, the folder holds ``.unpublished`` and stays
+    locked, so that if this process dies there, recovery knows the folder is an orphan."""
     try:
-        rename_noreplace(tmp, folder)
-        _release(tmp)
+        os.close(os.open(os.path.join(tmp, _UNPUBLISHED),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600))
+        _recover_orphans(reg, os.path.dirname(folder))
+        try:
+            rename_noreplace(tmp, folder)
+        except FileExistsError:
+            if not _reclaim_orphan(reg, folder):
+                raise
+            rename_noreplace(tmp, folder)
+        lock = _TEMP_LOCKS.pop(tmp, None)
+        if lock is not None:
+            _TEMP_LOCKS[folder] = lock  # the flock is on the directory: it moved with it
     except FileExistsError as e:
         _discard(tmp)
         raise LayerError(
@@ -346,12 +440,16 @@ def _publish(
     except BaseException:
         _discard(folder)
         raise
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(folder, _UNPUBLISHED))
+    _release(folder)
 
 
 def _check_absent(reg: Registry, folder: str, layer_id: str, op: str) -> None:
     if _row(reg, layer_id) is not None:
         raise LayerError(layer_id, op, ERR_ALREADY_EXISTS, message="layer already exists")
-    if os.path.lexists(folder):
+    _recover_orphans(reg, os.path.dirname(folder))
+    if os.path.lexists(folder) and not _reclaim_orphan(reg, folder):
         raise LayerError(
             layer_id,
             op,

@@ -118,7 +118,93 @@ class _Sink:
             self._buf.clear()
 
 
+_OCT7 = 8**7  # numbers that fit a ustar header's 8-byte fields (7 octal digits)...
+_OCT11 = 8**11  # ...and its 12-byte ones
+
+
 def _header(e: LayerEntry, name: str, kind: bytes, size: int = 0) -> bytes:
+    """The tar header(s) of entry *e*: what ``tarfile``'s pax format writes, byte for byte.
+
+    The common entry (owners, size and time that fit their ustar fields; names, link
+    target and xattrs in UTF-8) is built here directly: a ustar header, after a pax header
+    for a sub-second time, xattrs and a name or link target that does not fit. Anything
+    else goes through ``tarfile``.
+    """
+    sec, frac = divmod(e.mtime_ns, 1_000_000_000)
+    path = name + "/" if kind == tarfile.DIRTYPE and not name.endswith("/") else name
+    link = e.link_target if e.type in (EntryType.SYMLINK, EntryType.HARDLINK) else ""
+    dev = kind in (tarfile.CHRTYPE, tarfile.BLKTYPE)
+    if not (
+        0 <= e.uid < _OCT7
+        and 0 <= e.gid < _OCT7
+        and 0 <= size < _OCT11
+        and 0 <= sec < _OCT11
+        and (not dev or (0 <= e.devmajor < _OCT7 and 0 <= e.devminor < _OCT7))
+    ):
+        return _tarfile_header(e, name, kind, size)
+    records = b""
+    if frac:
+        records = _pax_record(b"mtime", f"{sec}.{frac:09d}".rstrip("0").encode())
+    try:
+        for k, v in sorted(e.xattrs.items()):
+            v.decode("utf-8")
+            records += _pax_record(("SCHILY.xattr." + k).encode("utf-8"), v)
+        # Names that do not fit (or are not ASCII) go into records; the ustar fields keep
+        # their first 100 characters, non-ASCII ones as '?'.
+        if len(path) > 100 or not path.isascii():
+            records += _pax_record(b"path", path.encode("utf-8"))
+        if len(link) > 100 or not link.isascii():
+            records += _pax_record(b"linkpath", link.encode("utf-8"))
+    except UnicodeError:  # tarfile then marks the records binary: leave it to tarfile
+        return _tarfile_header(e, name, kind, size)
+    devices = (e.devmajor, e.devminor) if dev else None
+    head = _ustar(
+        path.encode("ascii", "replace")[:100],
+        link.encode("ascii", "replace")[:100],
+        kind, e.mode, e.uid, e.gid, size, sec, devices,
+    )
+    if not records:
+        return head
+    pax = _ustar(b"././@PaxHeader", b"", tarfile.XHDTYPE, 0, 0, 0, len(records), 0, None)
+    return pax + records + bytes(-len(records) % 512) + head
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    """``"<length> <key>=<value>\\n"``, the length counting its own digits."""
+    n = len(key) + len(value) + 3
+    p = n + len(str(n))
+    if len(str(p)) != len(str(n)):
+        p = n + len(str(p))
+    return b"%d %s=%s\n" % (p, key, value)
+
+
+def _ustar(
+    path: bytes,
+    link: bytes,
+    kind: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    devices: tuple[int, int] | None,
+) -> bytes:
+    """One ustar header block, as ``tarfile`` lays it out (no user or group names)."""
+    hdr = b"".join((
+        path.ljust(100, b"\0"),
+        b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode & 0o7777, uid, gid, size, mtime),
+        b"        ",  # the checksum, counted as spaces
+        kind,
+        link.ljust(100, b"\0"),
+        tarfile.POSIX_MAGIC,
+        bytes(64),
+        b"%07o\0%07o\0" % devices if devices is not None else bytes(16),
+        bytes(167),  # no prefix, padding
+    ))
+    return b"%s%06o\0%s" % (hdr[:148], sum(hdr), hdr[155:])
+
+
+def _tarfile_header(e: LayerEntry, name: str, kind: bytes, size: int = 0) -> bytes:
     ti = tarfile.TarInfo(name)
     ti.type = kind
     ti.mode = e.mode

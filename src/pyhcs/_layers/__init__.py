@@ -85,6 +85,7 @@ from pyhcs._layers._store import (
     create_sandbox_layer,
     deactivate_layer,
     destroy_layer,
+    discard_sandbox,
     get_layer_mount_path,
     get_shared_base_images,
     import_layer_from_tar,
@@ -94,6 +95,7 @@ from pyhcs._layers._store import (
     process_base_layer,
     process_utility_vm_image,
     unprepare_layer,
+    wait_for_trash,
 )
 from pyhcs._layers._stream import EntryType, LayerEntry, LayerReader, LayerWriter
 from pyhcs._layers._transport import (
@@ -131,6 +133,7 @@ __all__ = [
     "create_sandbox_layer",
     "deactivate_layer",
     "destroy_layer",
+    "discard_sandbox",
     "ensure_busybox_image",
     "export_layer",
     "export_layer_to_tar",
@@ -152,4 +155,5 @@ __all__ = [
     "remove_image",
     "resolve_image",
     "unprepare_layer",
+    "wait_for_trash",
 ]

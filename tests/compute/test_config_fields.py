@@ -102,7 +102,7 @@ def test_statistics_move_with_the_workload(make_container: Make) -> None:
     try:
         s1 = c.statistics()
         code, _, _ = run(c, "sh -c 'i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; "
-                            "dd if=/dev/zero of=/data bs=1M count=16 conv=fsync'")
+                            "dd if=/dev/zero of=/data bs=1M count=16 oflag=direct'")
         assert code == 0
         s2 = c.statistics()
         assert s2.processor.total_runtime_100ns > s1.processor.total_runtime_100ns

@@ -254,3 +254,100 @@ def test_same_id_again_right_after_remove(busybox: list[str], unique_id: str) ->
         assert run(c, "true")[0] == 0
         c.wait(10)
         pyhcs.remove_container(unique_id)
+
+
+# -- the spare supervisor -------------------------------------------------------------------
+
+
+def _spare_pid() -> int:
+    from pyhcs._compute import _supervisor
+
+    assert _supervisor._spare is not None
+    return _supervisor._spare.pid
+
+
+def test_spare_supervisor_takes_the_environment_at_start(make_container: Make,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    from pyhcs._runtime._cgroups import remove_parent
+
+    first = make_container()
+    first.start()  # leaves a spare forked now, with the session's cgroup parent
+    spare = _spare_pid()
+    parent = os.environ["PYHCS_CGROUP_PARENT"] + "-later"
+    monkeypatch.setenv("PYHCS_CGROUP_PARENT", parent)
+    second = make_container()
+    try:
+        second.start()
+        assert pyhcs.container_state(second.id)["supervisor_pid"] == spare  # the spare...
+        # ...made the cgroup under the parent set after it was forked
+        assert Path("/sys/fs/cgroup/memory", parent, second.id).is_dir()
+        code, out, _ = run(second, "echo in")
+        assert code == 0 and out == b"in\n"
+        assert _spare_pid() != spare  # and the next spare is ready
+    finally:
+        pyhcs.remove_container(second.id, force=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                remove_parent()
+                break
+            except OSError:  # the supervisor is still releasing the container's cgroup
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+
+def test_killed_spare_is_replaced(make_container: Make) -> None:
+    make_container().start()
+    spare = _spare_pid()
+    os.kill(spare, signal.SIGKILL)
+    c = make_container()
+    c.start()  # the dead spare is noticed and a new supervisor forked
+    assert pyhcs.container_state(c.id)["supervisor_pid"] != spare
+    code, out, _ = run(c, "echo alive")
+    assert code == 0 and out == b"alive\n"
+
+
+def test_spare_goes_with_its_client(busybox: list[str], roots: object) -> None:
+    script = (
+        "import os, sys, pyhcs\n"
+        "from pyhcs._compute import _supervisor\n"
+        "layers = [pyhcs.Layer(id=p.rsplit('/', 1)[-1], path=p) for p in sys.argv[1:]]\n"
+        "c = pyhcs.create_container('spare-client', pyhcs.ContainerConfig(layers=layers))\n"
+        "c.start()\n"
+        "print(_supervisor._spare.pid, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, *busybox], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    spare = int(out)
+    deadline = time.monotonic() + 10
+    while _alive(spare):  # it saw its client's end of the socket close, and exited
+        assert time.monotonic() < deadline, "the spare outlived its client"
+        time.sleep(0.02)
+    pyhcs.remove_container("spare-client", force=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_explicit_roots_hold_the_sandbox(roots: object, tmp_path: Path) -> None:
+    other = pyhcs.Roots(tmp_path / "root", tmp_path / "run")
+    image = __import__("pyhcs._layers", fromlist=["x"]).ensure_busybox_image(roots=other)
+    layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in image.layer_chain]
+    c = pyhcs.create_container("elsewhere", pyhcs.ContainerConfig(layers=layers), roots=other)
+    try:
+        assert (other.layers_dir / "elsewhere" / "rootfs").is_mount()
+        assert not (Path(os.environ["PYHCS_ROOT"]) / "layers" / "elsewhere").exists()
+        assert not os.path.exists(os.environ["PYHCS_ROOT"] + "/registry.db")
+        c.start()
+        assert run(c, "true")[0] == 0
+        c.wait(30)
+    finally:
+        c.close()
+        pyhcs.remove_container("elsewhere", force=True, roots=other)
+    assert not (other.layers_dir / "elsewhere").exists()

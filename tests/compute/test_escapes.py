@@ -317,3 +317,30 @@ def test_proc_read_only_and_masked_paths(make_container: Make) -> None:
     assert code == 0 and out == b""
     code, _, err = run(c, "mkdir /sys/fs/cgroup/evil")
     assert code != 0
+
+
+def test_cgroupfs_is_the_containers_own_and_read_only(make_container: Make) -> None:
+    c = make_container(memory_maximum_in_mb=48)
+    _start_with_init(c)
+    code, out, _ = run(c, "cat /proc/self/mountinfo")
+    assert code == 0
+    mounts = {f[4]: f for f in (line.split() for line in out.decode().splitlines())}
+    from pyhcs._runtime._cgroups import namespace_mounts
+
+    expected = [n for n, fstype, _ in namespace_mounts() if fstype != "symlink"]
+    assert expected, "this machine mounts no cgroup hierarchy"
+    for name in expected:
+        point = os.path.join("/sys/fs/cgroup", name).rstrip("/")
+        assert point in mounts, point
+        assert "ro" in mounts[point][5].split(","), mounts[point]
+        assert mounts[point][3] == "/", mounts[point]  # the namespace's root: its own cgroup
+    if "memory" in expected:
+        # the container sees its own limit, at the root of its view
+        code, out, _ = run(c, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes")
+        assert code == 0 and int(out) == 48 * 1024 * 1024
+        code, _, err = run(c, "sh -c 'echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes'")
+        assert code != 0 and b"Read-only file system" in err
+    code, _, err = run(c, f"mkdir /sys/fs/cgroup/{expected[0]}/evil")
+    assert code != 0 and b"Read-only file system" in err
+    code, _, err = run(c, "touch /sys/fs/cgroup/evil")
+    assert code != 0 and b"Read-only file system" in err

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 import pyhcs
-from pyhcs._compute._supervisor import reap_supervisors
+from pyhcs._compute._supervisor import close_spare, reap_supervisors
+from pyhcs._layers import wait_for_trash
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
 from pyhcs._runtime._cgroups import manager as cgroup_manager
@@ -122,6 +123,7 @@ class Baseline:
         assert not alive, f"supervisors still running: {alive}"
         assert not cgroups, f"cgroups left: {cgroups}"
         assert pyhcs.get_containers() == []
+        _settle()
         # pyhcs reaps finished supervisors on its next start or remove; do that now, so a
         # supervisor it lost track of would show as a zombie
         reap_supervisors()
@@ -137,6 +139,14 @@ class Baseline:
         assert not run.exists() or os.listdir(run) == []
 
 
+def _settle() -> None:
+    """End what pyhcs keeps between containers by design: the spare supervisor forked for
+    the next start (a child process and a socket) and the background removal of deleted
+    sandboxes' files (``.trash-*`` folders for a moment)."""
+    close_spare()
+    wait_for_trash()
+
+
 @pytest.fixture
 def baseline(busybox: list[str], roots: Roots, unique_id: str) -> Iterator[Baseline]:
     """The machine's state before the test, after one warm-up container (which opens the
@@ -145,6 +155,7 @@ def baseline(busybox: list[str], roots: Roots, unique_id: str) -> Iterator[Basel
     deadline = time.monotonic() + 30
     while (_alive(sup) or _child_cgroups()) and time.monotonic() < deadline:
         time.sleep(0.02)
+    _settle()
     yield Baseline(roots, _fds(), _layer_rows(roots), set(os.listdir(roots.layers_dir)))
 
 

@@ -241,6 +241,9 @@ cli.add_command(_network_cli.endpoint)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pyhcs`` console script."""
+    from pyhcs._compute._supervisor import keep_spare
+
+    keep_spare(False)  # one container per command: a spare supervisor would idle for nothing
     try:
         cli.main(args=argv, prog_name="pyhcs", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -801,19 +801,21 @@ def create_container(container_id: str, config: ContainerConfig, *,
         if config.layer_folder_path:
             folder = os.path.abspath(config.layer_folder_path)
             info = _layers.DriverInfo(1, os.path.dirname(folder))
-            rootfs = _layers.get_layer_mount_path(info, os.path.basename(folder))
+            rootfs = _layers.get_layer_mount_path(info, os.path.basename(folder), roots=roots)
         elif config.layers:
-            info = _layers.DriverInfo()
+            # the roots given, not the environment's
+            info = _layers.DriverInfo(1, str(roots.layers_dir))
             home, sandbox = info.home_dir, container_id
             parents = [layer.path for layer in config.layers]
             _layers.create_sandbox_layer(info, sandbox, config.layers[0].id, parents,
-                                         size_bytes=config.storage_sandbox_size or None)
+                                         size_bytes=config.storage_sandbox_size or None,
+                                         roots=roots)
             try:
-                _layers.prepare_layer(info, sandbox, parents)
+                _layers.prepare_layer(info, sandbox, parents, roots=roots)
             except BaseException:
-                _layers.destroy_layer(info, sandbox)
+                _layers.destroy_layer(info, sandbox, roots=roots)
                 raise
-            rootfs = _layers.get_layer_mount_path(info, sandbox)
+            rootfs = _layers.get_layer_mount_path(info, sandbox, roots=roots)
         else:
             raise InvalidConfigError(op, message="Layers is empty and no LayerFolderPath given")
         try:
@@ -826,8 +828,8 @@ def create_container(container_id: str, config: ContainerConfig, *,
             (run_dir / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
         except BaseException:
             if sandbox:
-                _layers.unprepare_layer(info, sandbox)
-                _layers.destroy_layer(info, sandbox)
+                _layers.unprepare_layer(info, sandbox, roots=roots)
+                _layers.destroy_layer(info, sandbox, roots=roots)
             raise
     except BaseException as e:
         reg.execute("DELETE FROM containers WHERE id=?", (container_id,))
@@ -988,12 +990,9 @@ def remove_container(container_id: str, *, force: bool = False,
         c.wait(30)
     reap_supervisors()
     if row["sandbox_layer"]:
-        info = _layers.DriverInfo(1, row["layer_home"])
-        try:
-            _layers.unprepare_layer(info, row["sandbox_layer"])
-        except HcsError:
-            pass  # not prepared (a crash between steps): destroying is what matters
-        _layers.destroy_layer(info, row["sandbox_layer"])
+        # the sandbox's files are deleted in the background: nothing waits on them
+        _layers.discard_sandbox(_layers.DriverInfo(1, row["layer_home"]), row["sandbox_layer"],
+                                roots=roots)
     # The supervisor may still be releasing the cgroup (it does so after its final
     # record); a new container of the same id waits for that (see _native), not us.
     c = Container(container_id, roots)

@@ -1,7 +1,9 @@
 """The supervisor: one per running container, the parent of all its processes.
 
-It is forked when a container starts (a new session, no inherited fds: it outlives its
-client, which only reaps it if it finishes first), owns the
+It is forked by the client (a new session, no inherited fds: it outlives its client,
+which only reaps it if it finishes first), ahead of need: each client keeps one spare
+supervisor idle, hands it the next container to start and forks the next spare meanwhile
+(see "the spare supervisor" below). It owns the
 container's namespaces and cgroup, reaps every process it spawns, records exits in the
 run directory and serves clients over a unix socket there. Clients
 may come and go; nothing is lost when the creating client exits. When the container's
@@ -35,13 +37,14 @@ from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
 from .._paths import Roots
 from .._runtime._cgroups import manager as cgroup_manager
+from .._runtime._cgroups import namespace_mounts as cgroup_namespace_mounts
 from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
 from .._runtime._seccomp import compile_seccomp
 from . import _protocol as P
 from ._log import ContainerLog
 
-__all__ = ["launch", "process_start_time", "read_status", "reap_supervisors",
-           "SUPERVISOR_SOCKET", "STATUS_FILE"]
+__all__ = ["close_spare", "keep_spare", "launch", "process_start_time", "read_status",
+           "reap_supervisors", "SUPERVISOR_SOCKET", "STATUS_FILE"]
 
 SUPERVISOR_SOCKET = "sup.sock"
 #: The supervisor's record of the container, replaced atomically on every change. The
@@ -554,8 +557,9 @@ def _resize(fd: int, width: int, height: int) -> None:
     fcntl.ioctl(fd, _TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
 
-def _become_daemon(keep: int, log_path: Path) -> None:
-    """Detach from the client: new session, no inherited fds, /dev/null stdio, sane signals."""
+def _detach(keep: int) -> None:
+    """Leave the client behind: new session, no inherited fds but *keep*, /dev/null stdio,
+    default signals."""
     os.setsid()
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
               signal.SIGUSR1, signal.SIGUSR2):
@@ -563,10 +567,8 @@ def _become_daemon(keep: int, log_path: Path) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     null = os.open(os.devnull, os.O_RDWR)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.dup2(log, 2)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
     L.close_range_from(3, keep=(keep,))
     os.chdir("/")
 
@@ -588,47 +590,190 @@ def reap_supervisors() -> None:
             _children.discard(pid)
 
 
+# -- the spare supervisor ------------------------------------------------------------------
+#
+# A forked Python process spends milliseconds copying the pages it writes to before it does
+# anything useful, and detaching costs more. So a client keeps one supervisor forked
+# ahead of need: detached and idle, it waits on a socket for the container it will
+# supervise. Starting a container hands the spare its work and forks the next spare while
+# the container starts. A spare exits when its client closes the socket or exits.
+
+
+@dataclass
+class _Spare:
+    pid: int
+    sock: socket.socket
+
+
+_spare: _Spare | None = None
+_keep_spare = True
+
+
+def keep_spare(enabled: bool) -> None:
+    """Whether this process keeps a spare supervisor forked ahead (the default). A program
+    that starts one container and exits (the CLI) gains nothing from one."""
+    global _keep_spare
+    _keep_spare = enabled
+    if not enabled:
+        close_spare()
+
+
+def close_spare() -> None:
+    """End this process's spare supervisor, if any, and wait for it to go."""
+    global _spare
+    spare, _spare = _spare, None
+    if spare is None:
+        return
+    spare.sock.close()  # the spare sees end of file and exits
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(spare.pid, 0)
+    _children.discard(spare.pid)
+
+
+def _forget_spare_after_fork() -> None:
+    # A child of this process (the application's fork, or a supervisor) must not hand work
+    # to our spare: drop its copy of the socket.
+    global _spare
+    if _spare is not None:
+        with contextlib.suppress(OSError):
+            _spare.sock.close()
+    _spare = None
+
+
+os.register_at_fork(after_in_child=_forget_spare_after_fork)
+
+
+def _send_frame(sock: socket.socket, data: bytes) -> None:
+    # no SIGPIPE if the peer is gone (an application may not ignore it as Python does)
+    sock.sendall(struct.pack("<Q", len(data)) + data, socket.MSG_NOSIGNAL)
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    """One length-prefixed message, or b"" if the peer closed the socket before sending."""
+    head = _recv_exactly(sock, 8)
+    if not head:
+        return b""
+    (size,) = struct.unpack("<Q", head)
+    body = _recv_exactly(sock, size)
+    if len(body) != size:
+        raise OSError(errno.EPROTO, "truncated message from the supervisor's peer")
+    return body
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _fork_spare() -> _Spare:
+    # chosen and read here, once, not in every forked supervisor
+    cgroup_manager()
+    cgroup_namespace_mounts()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ours.close()
+            code = _spare_main(theirs)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            os._exit(code)
+    theirs.close()
+    _children.add(pid)
+    return _Spare(pid, ours)
+
+
+def _spare_main(sock: socket.socket) -> int:
+    """Wait for a container to supervise, start it, report, and supervise it to the end."""
+    _children.clear()
+    _detach(sock.fileno())
+    gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
+    try:
+        data = _recv_frame(sock)
+    except OSError:
+        data = b""
+    if not data:
+        return 0  # our client closed us or exited: never needed
+    job = json.loads(data)
+    # the client's environment now, not when we were forked (PYHCS_* settings)
+    os.environ.clear()
+    os.environ.update(job["env"])
+    roots = Roots(Path(job["root"]), Path(job["run_root"]))
+    container_id = job["id"]
+    log = os.open(roots.container_run_dir(container_id) / "supervisor.log",
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    try:
+        sup = Supervisor(container_id, roots, job["spec"], bytes.fromhex(job["bpf"]))
+        sup.start()
+    except BaseException as e:
+        traceback.print_exc()
+        code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+        _send_frame(sock, json.dumps({"errno": code, "error": str(e)[:2000]}).encode())
+        return 1
+    _send_frame(sock, json.dumps({"pid": os.getpid(), "started": sup.started}).encode())
+    sock.close()  # the client's; the container is served through the supervisor's socket
+    sup.loop()
+    return 0
+
+
+def _hand_over(sup: _Spare, job: bytes, *, fork_next: bool) -> bytes | None:
+    """Give *sup* the container to start and return its report (b"" if it died while
+    starting it), or None if it died before it took the work: nothing was started."""
+    global _spare
+    try:
+        try:
+            _send_frame(sup.sock, job)
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+        if fork_next:
+            # the next container's supervisor, forked while this one starts the container
+            try:
+                _spare = _fork_spare()
+            except OSError:
+                _spare = None
+        try:
+            return _recv_frame(sup.sock)
+        except ConnectionResetError:
+            return None  # closed with our work unread in its socket: it never started
+    finally:
+        sup.sock.close()
+
+
 def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float]:
-    """Fork the supervisor of *container_id* and start the container.
+    """Start the container *container_id* under a supervisor of its own (this process's
+    spare, or one forked now).
 
     Returns the supervisor's pid and the time the container started.
 
     Raises ``OSError`` with the supervisor's reason if the container could not start.
     """
-    run_dir = roots.container_run_dir(container_id)
+    global _spare
     reap_supervisors()
-    cgroup_manager()  # choose the backend here, once, not in every forked supervisor
     profile = spec.get("linux", {}).get("seccomp")
     # compiled here, where the result is remembered for the next container
     bpf = compile_seccomp(profile, cache_dir=roots.run_root) if profile else b""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            _children.clear()
-            _become_daemon(w, run_dir / "supervisor.log")
-            sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
-            sup = Supervisor(container_id, roots, spec, bpf)
-            sup.start()
-            os.write(w, json.dumps({"pid": os.getpid(), "started": sup.started}).encode())
-            os.close(w)
-            sup.loop()
-            os._exit(0)
-        except BaseException as e:
-            try:
-                traceback.print_exc()
-                code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-                os.write(w, json.dumps({"errno": code, "error": str(e)[:2000]}).encode())
-            finally:
-                os._exit(1)
-    os.close(w)
-    _children.add(pid)
-    try:
-        data = os.read(r, 65536)  # one write of < PIPE_BUF bytes: it arrives whole
-    finally:
-        os.close(r)
+    job = json.dumps({"id": container_id, "root": str(roots.root),
+                      "run_root": str(roots.run_root), "spec": spec,
+                      "env": dict(os.environ), "bpf": bpf.hex()}).encode()
+    spare, _spare = _spare, None
+    if spare is not None:
+        data = _hand_over(spare, job, fork_next=_keep_spare)
+        if data is None:  # it died (killed by someone) before it read its work
+            data = _hand_over(_fork_spare(), job, fork_next=False)
+    else:
+        data = _hand_over(_fork_spare(), job, fork_next=_keep_spare)
     if not data:
         raise OSError(errno.EIO, "the supervisor died while starting the container")
     msg = json.loads(data)

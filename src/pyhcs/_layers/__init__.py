@@ -91,6 +91,7 @@ from pyhcs._layers._store import (
     create_sandbox_layer,
     deactivate_layer,
     destroy_layer,
+    discard_sandbox,
     get_layer_mount_path,
     get_shared_base_images,
     import_layer_from_tar,
@@ -100,6 +101,7 @@ from pyhcs._layers._store import (
     process_base_layer,
     process_utility_vm_image,
     unprepare_layer,
+    wait_for_trash,
 )
 from pyhcs._layers._stream import EntryType, LayerEntry, LayerReader, LayerWriter
 from pyhcs._layers._transport import (
@@ -137,6 +139,7 @@ __all__ = [
     "create_sandbox_layer",
     "deactivate_layer",
     "destroy_layer",
+    "discard_sandbox",
     "ensure_busybox_image",
     "export_layer",
     "export_layer_to_tar",
@@ -158,4 +161,5 @@ __all__ = [
     "remove_image",
     "resolve_image",
     "unprepare_layer",
+    "wait_for_trash",
 ]

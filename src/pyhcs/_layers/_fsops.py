@@ -338,9 +338,20 @@ def mount_points() -> list[str]:
         return [_unescape_mountinfo(line.split(" ")[4]) for line in f if line.strip()]
 
 
+def _escape_mountinfo(path: bytes) -> bytes:
+    for c in b"\\ \t\n":
+        path = path.replace(bytes([c]), b"\\%03o" % c)
+    return path
+
+
 def mounts_under(path: str) -> list[str]:
     """Mount points at *path* or below it (symlinks in *path* resolved, as the kernel shows)."""
     real = os.path.realpath(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        table = f.read()
+    # The common answer, none, without parsing: the path appears nowhere in the table.
+    if _escape_mountinfo(os.fsencode(real)) not in table:
+        return []
     prefix = real.rstrip("/") + "/"
     return [m for m in mount_points() if m == real or m.startswith(prefix)]
 

@@ -7,6 +7,14 @@ directory with ``lowerdir+`` (Linux >= 6.8), then ``fsmount`` and ``move_mount``
 kernels (``lowerdir+`` refused with EINVAL) the lowers are named through short
 ``/proc/self/fd/N`` links to directory descriptors held open for the mount call, which fits
 about 250 layers in a page. overlayfs itself allows 500 lower layers.
+
+Sandboxes are mounted ``volatile`` (Linux >= 5.10), as CRI-O mounts every container's and
+podman every ``--rm`` container's: overlayfs then skips the syncs it would otherwise make
+(an fsync per copy-up, and a sync of the whole upper file system when the mount goes). A
+container's writes reach the disk as the kernel writes back, like any unsynced file; what a
+host crash catches unwritten is lost. Overlayfs marks such a mount with
+:data:`VOLATILE_MARKER` in the work folder and refuses to mount it again while the marker
+is there; pyhcs removes it before each mount (see ``_store.prepare_layer``).
 """
 
 from __future__ import annotations
@@ -18,10 +26,14 @@ from collections.abc import Sequence
 
 from pyhcs._linux import mount
 
-__all__ = ["MOUNT_DATA_MAX", "mount_overlay"]
+__all__ = ["MOUNT_DATA_MAX", "VOLATILE_MARKER", "mount_overlay"]
 
 #: The mount(2) data argument is one page.
 MOUNT_DATA_MAX = 4095
+
+#: What a volatile mount leaves in its work folder, relative to it (Documentation/
+#: filesystems/overlayfs.rst, "Volatile mount").
+VOLATILE_MARKER = ("work", "incompat", "volatile")
 
 # Same numbers on every architecture (added after the syscall tables were unified).
 _SYS_MOVE_MOUNT = 429
@@ -30,6 +42,7 @@ _SYS_FSCONFIG = 431
 _SYS_FSMOUNT = 432
 _FSOPEN_CLOEXEC = 1
 _FSMOUNT_CLOEXEC = 1
+_FSCONFIG_SET_FLAG = 0
 _FSCONFIG_SET_STRING = 1
 _FSCONFIG_CMD_CREATE = 6
 _MOVE_MOUNT_F_EMPTY_PATH = 4
@@ -59,7 +72,8 @@ def _set(fd: int, key: str, value: str) -> None:
     )
 
 
-def _mount_new_api(lowers: Sequence[str], upper: str, work: str, target: str) -> None:
+def _mount_new_api(lowers: Sequence[str], upper: str, work: str, target: str,
+                   volatile: bool) -> None:
     fs_fd = _sys(_SYS_FSOPEN, ctypes.c_char_p(b"overlay"), ctypes.c_uint(_FSOPEN_CLOEXEC),
                  what="fsopen overlay")
     try:
@@ -67,6 +81,9 @@ def _mount_new_api(lowers: Sequence[str], upper: str, work: str, target: str) ->
             _set(fs_fd, "lowerdir+", lower)
         _set(fs_fd, "upperdir", upper)
         _set(fs_fd, "workdir", work)
+        if volatile:
+            _sys(_SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(_FSCONFIG_SET_FLAG),
+                 ctypes.c_char_p(b"volatile"), None, ctypes.c_int(0), what="fsconfig volatile")
         _sys(_SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(_FSCONFIG_CMD_CREATE), None,
              None, ctypes.c_int(0), what="create the overlay")
         mnt_fd = _sys(_SYS_FSMOUNT, ctypes.c_int(fs_fd), ctypes.c_uint(_FSMOUNT_CLOEXEC),
@@ -81,13 +98,14 @@ def _mount_new_api(lowers: Sequence[str], upper: str, work: str, target: str) ->
         os.close(fs_fd)
 
 
-def _mount_via_fds(lowers: Sequence[str], upper: str, work: str, target: str) -> None:
+def _mount_via_fds(lowers: Sequence[str], upper: str, work: str, target: str,
+                   volatile: bool) -> None:
     fds: list[int] = []
     try:
         for lower in lowers:
             fds.append(os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         names = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
-        data = f"lowerdir={names},upperdir={upper},workdir={work}"
+        data = f"lowerdir={names},upperdir={upper},workdir={work}" + _flags(volatile)
         if len(data.encode()) > MOUNT_DATA_MAX:
             raise OSError(errno.E2BIG, "too many lower layers for one overlay mount")
         mount("overlay", target, "overlay", 0, data)
@@ -96,21 +114,36 @@ def _mount_via_fds(lowers: Sequence[str], upper: str, work: str, target: str) ->
             os.close(fd)
 
 
-def mount_overlay(lowers: Sequence[str], upper: str, work: str, target: str) -> None:
-    """Mount overlayfs at *target*: *lowers* (topmost first), *upper*, *work*.
+def _flags(volatile: bool) -> str:
+    return ",volatile" if volatile else ""
+
+
+def mount_overlay(lowers: Sequence[str], upper: str, work: str, target: str, *,
+                  volatile: bool = False) -> None:
+    """Mount overlayfs at *target*: *lowers* (topmost first), *upper*, *work*; *volatile*
+    where the kernel has it (Linux >= 5.10; older kernels get an ordinary mount).
 
     The paths must not contain ``,``, ``:`` or ``\\`` (the caller checks). Raises
     ``OSError``.
     """
-    data = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    try:
+        _mount(lowers, upper, work, target, volatile)
+    except OSError as e:
+        if not volatile or e.errno != errno.EINVAL:
+            raise
+        _mount(lowers, upper, work, target, False)  # a kernel without "volatile"
+
+
+def _mount(lowers: Sequence[str], upper: str, work: str, target: str, volatile: bool) -> None:
+    data = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}" + _flags(volatile)
     if len(data.encode()) <= MOUNT_DATA_MAX:
         mount("overlay", target, "overlay", 0, data)
         return
     try:
-        _mount_new_api(lowers, upper, work, target)
+        _mount_new_api(lowers, upper, work, target, volatile)
     except OSError as e:
         # EINVAL: no "lowerdir+" (Linux < 6.8) or a path over fsconfig's 256 bytes;
         # ENOSYS: no new mount API at all.
         if e.errno not in (errno.EINVAL, errno.ENOSYS):
             raise
-        _mount_via_fds(lowers, upper, work, target)
+        _mount_via_fds(lowers, upper, work, target, volatile)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import errno
 import fcntl
@@ -11,6 +13,7 @@ import re
 import sqlite3
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +38,7 @@ from pyhcs._layers._fsops import (
     remove_tree,
     rename_noreplace,
 )
-from pyhcs._layers._overlay import mount_overlay
+from pyhcs._layers._overlay import VOLATILE_MARKER, mount_overlay
 from pyhcs._linux import umount
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
@@ -191,16 +194,17 @@ def _invalid_state(layer_id: str, op: str, why: str) -> LayerError:
 
 
 @contextlib.contextmanager
-def _locked(folder: str, layer_id: str, op: str) -> Iterator[None]:
+def _locked(folder: str, layer_id: str, op: str) -> Iterator[int]:
     """Hold an exclusive lock on the layer folder, serialising prepare/unprepare/destroy
-    across processes (flock on the directory itself; released if the holder dies)."""
+    across processes (flock on the directory itself, through the fd yielded; released if
+    the holder dies)."""
     try:
         fd = open_dir(folder)
     except OSError as e:
         raise _os_error(layer_id, op, e, "the layer's folder is missing") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -768,10 +772,21 @@ def _mount_overlay(folder: str, parents: list[str], layer_id: str, op: str) -> N
             message=f"overlayfs stacks at most {_MAX_LOWERS} parent layers",
         )
     try:
+        _clear_volatile_marker(work)
         # Chains whose options exceed a page are mounted through the new mount API.
-        mount_overlay(lowers, upper, work, target)
+        # Volatile: no syncs (see _overlay); a sandbox is a container's scratch space.
+        mount_overlay(lowers, upper, work, target, volatile=True)
     except OSError as e:
         raise _os_error(layer_id, op, e, "cannot mount the overlay") from e
+
+
+def _clear_volatile_marker(work: str) -> None:
+    # Left by the sandbox's last volatile mount, overlayfs refuses to mount over it. It
+    # lives in the work folder's own scratch folder, which overlayfs empties at every mount
+    # anyway, so removing that folder is all it takes. Whether the last mount ended cleanly
+    # or with a host crash, the upper folder keeps what reached the disk, as a non-volatile
+    # mount would have kept of a container's unsynced writes.
+    remove_tree(os.path.join(work, VOLATILE_MARKER[0]))
 
 
 def _populate_diff(folder: str, parents: list[str], layer_id: str, op: str) -> None:
@@ -854,7 +869,40 @@ def destroy_layer(info: DriverInfo, id: str, *, roots: Roots | None = None) -> N
     under ``info.home_dir`` without a registry row (left by a crash) is removed too.
     ``ERR_ELEMENT_NOT_FOUND`` if there is neither.
     """
-    op = "DestroyLayer"
+    found = _destroy(info, id, "DestroyLayer", roots)
+    if found is None:
+        return
+    trash, lock = found
+    try:
+        remove_tree(trash)
+    except OSError as e:
+        raise _os_error(id, "DestroyLayer", e,
+                        f"the layer is gone but {trash!r} could not be removed") from e
+    finally:
+        os.close(lock)
+
+
+def discard_sandbox(info: DriverInfo, id: str, *, roots: Roots | None = None) -> None:
+    """Unprepare and destroy a container's sandbox layer, as :func:`unprepare_layer` then
+    :func:`destroy_layer`, except that the removed folder's files are deleted on a
+    background thread: the layer is gone when this returns (no id, no row, no folder under
+    its name), its disk space a moment later. A process that exits first leaves a
+    ``.trash-*`` folder, which the next store operation removes (see :func:`_recover`)."""
+    try:
+        unprepare_layer(info, id, roots=roots)
+    except LayerError as e:
+        if e.code != ERR_ELEMENT_NOT_FOUND:
+            raise
+    found = _destroy(info, id, "DestroyLayer", roots)
+    if found is not None:
+        _remove_in_background(*found)
+
+
+def _destroy(info: DriverInfo, id: str, op: str, roots: Roots | None
+             ) -> tuple[str, int] | None:
+    """Check, unregister and rename layer *id*'s folder to a ``.trash-*`` folder; return it
+    and an fd holding its lock (recovery leaves a locked trash folder alone), or None if
+    the layer had no folder left."""
     _check_id(id, op)
     reg = _registry(roots)
     row = _row(reg, id)
@@ -864,8 +912,8 @@ def destroy_layer(info: DriverInfo, id: str, *, roots: Roots | None = None) -> N
             raise LayerError(id, op, ERR_ELEMENT_NOT_FOUND, message="no such layer")
         # Registered but its folder is gone (removed by hand): forget it.
         reg.execute("DELETE FROM layers WHERE id = ?", (id,))
-        return
-    with _locked(folder, id, op):
+        return None
+    with _locked(folder, id, op) as lock:
         row = _row(reg, id)
         _sandbox_size.clear_stale(folder, id, op)  # sandbox size hook: a killed prepare's mount
         if mounts_under(folder):
@@ -882,29 +930,75 @@ def destroy_layer(info: DriverInfo, id: str, *, roots: Roots | None = None) -> N
             user = _container_using(reg, id, folder)
             if user is not None:
                 raise _invalid_state(id, op, f"container {user} uses it")
-        # Move it aside first, so the id is free and the folder gone in one step even if
-        # removing a large tree takes long or fails halfway.
+        # One rename frees the id and the name at once, however long removing the tree
+        # takes. The folder's lock goes with it: recovery in another process leaves a
+        # locked .trash-* folder alone, and we hold the lock until the tree is gone.
+        trash = os.path.join(os.path.dirname(folder), f".trash-{id}-{os.urandom(4).hex()}")
         try:
-            trash = _new_temp(os.path.dirname(folder), id, id, op)
-            # Named .trash-* (recovery removes it if this process dies before it does).
-            new_name = os.path.join(os.path.dirname(trash), ".trash-" + trash.rsplit(".tmp-", 1)[1])
-            os.rename(trash, new_name)
-            _TEMP_LOCKS[new_name] = _TEMP_LOCKS.pop(trash)
-            trash = new_name
+            os.rename(folder, trash)
         except OSError as e:
             raise _os_error(id, op, e, "cannot remove the layer's folder") from e
+        kept = os.dup(lock)
         try:
-            os.rename(folder, os.path.join(trash, "layer"))
-        except OSError as e:
-            _discard(trash)
-            raise _os_error(id, op, e, "cannot remove the layer's folder") from e
-        if row is not None:
-            reg.execute("DELETE FROM layers WHERE id = ?", (id,))
-    try:
-        remove_tree(trash)
-        _release(trash)
-    except OSError as e:
-        raise _os_error(id, op, e, f"the layer is gone but {trash!r} could not be removed") from e
+            if row is not None:
+                reg.execute("DELETE FROM layers WHERE id = ?", (id,))
+        except BaseException:
+            os.close(kept)  # the .trash-* folder goes with the next recovery
+            raise
+    return trash, kept
+
+
+# -- removing trash in the background ---------------------------------------------------------
+
+_trash_queue: collections.deque[tuple[str, int]] = collections.deque()
+_trash_mutex = threading.Lock()
+_trash_thread: threading.Thread | None = None
+
+
+def _remove_in_background(path: str, lock: int) -> None:
+    global _trash_thread
+    with _trash_mutex:
+        _trash_queue.append((path, lock))
+        if _trash_thread is None:  # the thread exits when the queue is empty
+            _trash_thread = threading.Thread(target=_remove_queued, name="pyhcs-trash",
+                                             daemon=True)
+            _trash_thread.start()
+
+
+def _remove_queued() -> None:
+    global _trash_thread
+    while True:
+        with _trash_mutex:
+            if not _trash_queue:
+                _trash_thread = None
+                return
+            path, lock = _trash_queue.popleft()
+        try:
+            remove_tree(path)
+        except OSError:
+            pass  # left for recovery, like a folder of a process that died
+        finally:
+            os.close(lock)
+
+
+def wait_for_trash(timeout: float | None = None) -> None:
+    """Wait until the folders :func:`discard_sandbox` handed to the background are gone
+    (also run at interpreter exit, for up to 10 seconds)."""
+    thread = _trash_thread
+    if thread is not None:
+        thread.join(timeout)
+
+
+def _reset_trash_after_fork() -> None:
+    # A forked child has none of the parent's threads; the queue is the parent's to finish.
+    global _trash_thread, _trash_mutex
+    _trash_mutex = threading.Lock()
+    _trash_queue.clear()
+    _trash_thread = None
+
+
+os.register_at_fork(after_in_child=_reset_trash_after_fork)
+atexit.register(wait_for_trash, 10.0)
 
 
 def _container_using(reg: Registry, layer_id: str, folder: str) -> str | None:

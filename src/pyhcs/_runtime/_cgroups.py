@@ -28,6 +28,7 @@ unavailable controller would have measured (:attr:`CgroupStats.measured` says wh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -808,6 +809,50 @@ def manager(root: str = "/sys/fs/cgroup") -> CgroupManager:
         with open("/proc/self/mountinfo") as f:
             _manager = choose(f, root)
     return _manager
+
+
+_namespace_mounts: list[tuple[str, str, str]] | None = None
+
+
+def namespace_mounts(root: str = "/sys/fs/cgroup") -> list[tuple[str, str, str]]:
+    """The cgroup file systems a container mounts at its own ``/sys/fs/cgroup``, as
+    ``(name under it, fstype, mount data)``, copied from this machine's layout (read once
+    and kept): a pure v2 host gives ``[("", "cgroup2", "")]``; a v1 or hybrid host one
+    entry per hierarchy mounted directly under *root* (``("memory", "cgroup", "memory")``,
+    ``("systemd", "cgroup", "name=systemd")``, ``("unified", "cgroup2", "")``...), and
+    ``(name, "symlink", target)`` for the host's links between them (``cpu -> cpu,cpuacct``).
+    Mounted from inside the container's cgroup namespace, each shows the container's own
+    cgroup as its root."""
+    global _namespace_mounts
+    if _namespace_mounts is None:
+        with open("/proc/self/mountinfo") as f:
+            mounts = _parse_mountinfo(f)
+        at_root = [m for m in mounts if m.point == root]
+        if at_root and at_root[-1].fstype == "cgroup2":
+            _namespace_mounts = [("", "cgroup2", "")]
+        else:
+            # The hierarchy's controllers and name; never its other options (a
+            # release_agent is how CVE-2022-0492 escaped).
+            with open("/proc/cgroups") as f:
+                known = {line.split()[0] for line in f if line.strip() and line[0] != "#"}
+            found: dict[str, tuple[str, str, str]] = {}
+            for m in mounts:
+                name = os.path.basename(m.point)
+                if (os.path.dirname(m.point) != root or m.fstype not in ("cgroup", "cgroup2")
+                        or "/" in name or name in ("", ".", "..")):
+                    continue
+                data = ",".join(o for o in m.super_opts.split(",")
+                                if o in known or o.startswith("name="))
+                found[name] = (name, m.fstype, data if m.fstype == "cgroup" else "")
+            # cpu -> cpu,cpuacct and the like, where the host has them
+            with contextlib.suppress(OSError), os.scandir(root) as it:
+                for entry in it:
+                    if entry.is_symlink() and entry.name not in found:
+                        target = os.readlink(entry.path)
+                        if target in found:
+                            found[entry.name] = (entry.name, "symlink", target)
+            _namespace_mounts = sorted(found.values())
+    return _namespace_mounts
 
 
 def remove_parent() -> None:

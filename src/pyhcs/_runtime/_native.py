@@ -31,6 +31,7 @@ from typing import Any
 
 from .. import _linux as L
 from ._cgroups import BlockDevice, Cgroup, Resources, manager
+from ._cgroups import namespace_mounts as cgroup_namespace_mounts
 from ._seccomp import load_bpf
 from ._spec import CAPABILITY_NUMBERS, MAX_ID, SANDBOX_DEVICE_ANNOTATION
 
@@ -203,8 +204,9 @@ def _mount_one(root: str, m: dict[str, Any]) -> str:
     # the path, so this costs no syscall).
     if target != os.path.normpath(os.path.join(root, dest.lstrip("/"))):
         raise OSError(errno.ELOOP, "the image has a symlink on the mount path", dest)
-    if mtype == "proc":
-        return target  # mounted by the container's pid 1, which is inside the pid namespace
+    if mtype in ("proc", "cgroup"):
+        # mounted by the container's pid 1, inside the pid and cgroup namespaces
+        return target
     L.mount(m.get("source", mtype), target, mtype, flags, data or None)
     return target
 
@@ -240,6 +242,37 @@ def _pivot(spec: dict[str, Any]) -> None:
     os.chdir("/")
     if spec["root"].get("readonly"):
         L.mount(None, "/", None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY, None)
+
+
+def _mount_cgroups(spec: dict[str, Any]) -> None:
+    """Mount the container's cgroups read-only where the spec asks (pid 1, pivoted, in its
+    cgroup namespace): a tmpfs holding one mount per hierarchy of the host's layout, or
+    the one cgroup2 mount of a pure v2 host."""
+    for m in spec.get("mounts", []):
+        if m.get("type") != "cgroup":
+            continue
+        flags, _ = _parse_options(m.get("options", []))
+        flags &= ~L.MS_RDONLY  # made read-only below, once everything is in place
+        dest = m["destination"]
+        layout = cgroup_namespace_mounts()
+        if layout == [("", "cgroup2", "")]:
+            L.mount("cgroup2", dest, "cgroup2", flags, None)
+            _remount_ro(dest, flags)
+            continue
+        L.mount("tmpfs", dest, "tmpfs", flags, "mode=755")
+        for name, fstype, data in layout:
+            path = os.path.join(dest, name)
+            if fstype == "symlink":
+                os.symlink(data, path)
+                continue
+            os.mkdir(path, 0o555)
+            L.mount(fstype, path, fstype, flags, data or None)
+            _remount_ro(path, flags)
+        _remount_ro(dest, flags)
+
+
+def _remount_ro(path: str, flags: int) -> None:
+    L.mount(None, path, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | flags, None)
 
 
 def _mask(path: str) -> None:
@@ -413,6 +446,7 @@ def _init_stub(sock: socket.socket, other: socket.socket, spec: dict[str, Any],
         L.unshare(flags & L.CLONE_NEWCGROUP | L.CLONE_NEWNS)
         _pivot(spec)
         _mount_proc(spec)
+        _mount_cgroups(spec)
         with open("/proc/self/comm", "w") as f:  # what process_list shows until exec
             f.write("pyhcs-init")
         sock.send(b"ready")

@@ -80,6 +80,9 @@ def _mounts(config: ContainerConfig) -> list[dict[str, Any]]:
          "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs",
          "options": ["nosuid", "noexec", "nodev", "ro"]},
+        # the container's own cgroups, read-only (as containerd's and runc's default specs)
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
     ]
     for md in config.mapped_directories:
         if not md.host_path or not md.container_path:

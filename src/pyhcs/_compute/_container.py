@@ -117,8 +117,11 @@ def _supervisor_alive(row: sqlite3.Row) -> bool:
 
 
 def _fold_final_status(reg: Registry, container_id: str, status: dict[str, Any]) -> None:
-    """Write a supervisor's final record (exit codes) into the registry; idempotent."""
+    """Write a supervisor's final record (exit codes) into the registry; idempotent. A
+    container another client removed meanwhile has nothing left to fold into."""
     with reg.transaction() as c:
+        if c.execute("SELECT 1 FROM containers WHERE id=?", (container_id,)).fetchone() is None:
+            return
         c.execute(
             "UPDATE containers SET state='stopped', exit_code=?, exit_type=?, finished=? "
             "WHERE id=? AND state IN ('running','paused')",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
@@ -35,3 +37,21 @@ def test_env_overrides_roots(roots: Roots) -> None:
     explicit = Roots.resolve("/x", "/y")
     assert str(explicit.db_path) == "/x/registry.db"
     assert str(explicit.container_run_dir("c1")) == "/y/containers/c1"
+
+
+def test_many_state_roots_do_not_pile_up_descriptors(tmp_path: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for i in range(40):
+        reg = Registry.open(tmp_path / f"r{i}" / "registry.db")
+        reg.execute("INSERT INTO images(name, top_layer, created) VALUES ('a', 'x', 0)")
+    del reg
+    # the few most recently used stay open (three descriptors each), no more
+    assert open_fds() - before <= 3 * Registry._KEEP
+    # and an evicted registry still held by a caller keeps working
+    held = Registry.open(tmp_path / "held" / "registry.db")
+    for i in range(Registry._KEEP + 2):
+        Registry.open(tmp_path / f"s{i}" / "registry.db")
+    assert held.query_one("SELECT count(*) FROM images")[0] == 0  # type: ignore[index]

@@ -11,6 +11,7 @@ A connection belongs to one process: after ``fork`` the child opens its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -139,6 +140,7 @@ class Registry:
 
     def __init__(self, db_path: Path) -> None:
         self.path = db_path
+        self._pid = os.getpid()
         db_path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
         # write lock up front and waits on busy_timeout instead of failing on upgrade.
@@ -164,15 +166,34 @@ class Registry:
                         c.execute(stmt)
                 c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
+    #: connections kept open for reuse; a program going through many state roots (a test
+    #: suite, a tool per project) must not keep three descriptors open for each of them
+    _KEEP: ClassVar[int] = 8
+
     @classmethod
     def open(cls, db_path: Path) -> Registry:
-        """The registry at *db_path*, one shared connection per process and path."""
+        """The registry at *db_path*: one shared connection per process and path among the
+        few most recently used; an older one closes once nobody holds it any more."""
         key = (os.getpid(), str(db_path))
         with cls._cache_lock:
-            reg = cls._cache.get(key)
+            reg = cls._cache.pop(key, None)
             if reg is None:
-                reg = cls._cache[key] = cls(db_path)
+                reg = cls(db_path)
+            cls._cache[key] = reg  # most recently used last
+            while len(cls._cache) > cls._KEEP:
+                # dropped, not closed: a caller may be using it still; the connection
+                # closes with its last reference
+                del cls._cache[next(iter(cls._cache))]
             return reg
+
+    def __del__(self) -> None:
+        # sqlite3's connection sits in a reference cycle (its statement cache) and would
+        # hold its three descriptors until a garbage collection; a registry dropped from
+        # the cache closes it as soon as its last user is done. Never in a forked child:
+        # the connection is the parent's.
+        if getattr(self, "_pid", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                self._conn.close()
 
     def close(self) -> None:
         with self._cache_lock:

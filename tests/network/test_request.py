@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -249,3 +250,25 @@ def test_policy_lists(roots: Roots) -> None:
     assert hns.hns_policy_list_request("GET", "", "") == []
     hns.delete_endpoint(ep.id)
     hns.delete_network(net.id)
+
+
+def test_nft_works_with_a_thousand_descriptors_open() -> None:
+    # libnftables select()s on its socket and aborts the process if that descriptor is
+    # 1024 or more: pyhcs must notice and use the nft command instead
+    import resource
+
+    from pyhcs._network import _nft
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip("RLIMIT_NOFILE too low to open 1,100 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        assert isinstance(_nft.list_pyhcs_tables(), list)  # and the process is still alive
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -5,11 +5,11 @@ the library in-process costs a fraction of a millisecond. The command text is th
 as ``nft``'s, a buffer is applied as one transaction, and a failure is reported with
 ``nft``'s own error message.
 
-A context talks to the kernel over a netlink socket opened when the context is made, in
-the calling thread's network namespace at that moment. Contexts are therefore cached per
-thread and per namespace (told apart by the netns cookie, never reused); a few are kept so
-that a caller moving between namespaces does not pin every namespace it ever visited (a
-socket holds its namespace alive).
+Every call gets a context of its own (about 0.1 ms), made in the calling thread's
+network namespace and freed after. A context kept between calls would also keep
+libnftables' cache of the ruleset, which other processes change meanwhile; libnftables
+1.0.6 (Debian 12) aborts the process on some such stale caches. Calls are also serialised:
+that version keeps some tables in globals that freeing any context releases.
 
 If ``libnftables.so.1`` cannot be loaded (nftables not installed as a library) the
 callers fall back on the ``nft`` command.
@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
-import struct
 import threading
-from collections import OrderedDict
 
 __all__ = ["available", "run", "LibnftError"]
 
 _NFT_CTX_DEFAULT = 0
 _NFT_CTX_OUTPUT_JSON = 1 << 4
-_SO_NETNS_COOKIE = 71
-_KEEP = 4  # contexts kept per thread (one per namespace recently used)
 
 
 class LibnftError(OSError):
@@ -63,12 +58,25 @@ def _load() -> ctypes.CDLL | None:
 
 
 _lib = _load()
-_local = threading.local()
+_lock = threading.Lock()
 
 
 def available() -> bool:
-    """True if libnftables could be loaded."""
-    return _lib is not None
+    """True if libnftables could be loaded and can be used by this process now.
+
+    libnftables waits on its netlink socket with select(), which aborts the whole process
+    (glibc's fortify check) if that socket's descriptor is 1024 or more. A process with
+    that many descriptors open uses the ``nft`` command instead."""
+    return _lib is not None and _lowest_free_fd() < _FD_SETSIZE - 64
+
+
+_FD_SETSIZE = 1024
+
+
+def _lowest_free_fd() -> int:
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # the kernel gives the lowest free
+    os.close(fd)
+    return fd
 
 
 class _Ctx:
@@ -97,37 +105,10 @@ class _Ctx:
             raise LibnftError(rc if rc > 0 else 1, err.strip() or "nft failed")
         return out
 
-    def __del__(self) -> None:
-        if _lib is not None and getattr(self, "ptr", None):
+    def free(self) -> None:
+        if _lib is not None and self.ptr:
             _lib.nft_ctx_free(self.ptr)
             self.ptr = 0
-
-
-def _netns_cookie() -> int | None:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            raw = s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8)
-    except OSError:
-        return None  # kernels before 5.14: no way to tell namespaces apart safely
-    return int(struct.unpack("Q", raw)[0])
-
-
-def _context() -> _Ctx:
-    cookie = _netns_cookie()
-    if cookie is None:
-        return _Ctx()  # uncached: freed once the caller is done with it
-    cache: OrderedDict[tuple[int, int], _Ctx] | None = getattr(_local, "ctxs", None)
-    if cache is None:
-        cache = _local.ctxs = OrderedDict()
-    key = (os.getpid(), cookie)
-    ctx = cache.get(key)
-    if ctx is None:
-        ctx = cache[key] = _Ctx()
-        while len(cache) > _KEEP:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return ctx
 
 
 def run(script: str, *, json_output: bool = False) -> str:
@@ -138,4 +119,9 @@ def run(script: str, *, json_output: bool = False) -> str:
     """
     if _lib is None:
         raise OSError(38, "libnftables.so.1 is not available")
-    return _context().run(script, json_output=json_output)
+    with _lock:
+        ctx = _Ctx()
+        try:
+            return ctx.run(script, json_output=json_output)
+        finally:
+            ctx.free()

@@ -855,9 +855,27 @@ def namespace_mounts(root: str = "/sys/fs/cgroup") -> list[tuple[str, str, str]]
     return _namespace_mounts
 
 
+def remove_everywhere(name: str) -> None:
+    """Remove the cgroup *name* under pyhcs's parent from every v1 hierarchy where it is
+    left empty, also those pyhcs does not use but an OCI runtime makes it in (``devices``,
+    ``name=systemd``); a busy or missing one is left alone."""
+    for hierarchy, fstype, _ in namespace_mounts():
+        if fstype == "cgroup":
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, _parent(), name))
+
+
 def remove_parent() -> None:
-    """Remove the shared parent cgroups if no container uses them (tests, uninstall)."""
-    for d in manager().parent_dirs():
+    """Remove the shared parent cgroups if no container uses them (tests, uninstall): in
+    every hierarchy, also those pyhcs does not use but an OCI executor (crun, runc) makes
+    its cgroups in (``devices``, ``name=systemd``)."""
+    dirs = list(manager().parent_dirs())
+    for name, fstype, _ in namespace_mounts():
+        if fstype == "cgroup":
+            d = os.path.join("/sys/fs/cgroup", name, _parent())
+            if d not in dirs:
+                dirs.append(d)
+    for d in dirs:
         try:
             os.rmdir(d)
         except FileNotFoundError:

@@ -70,7 +70,7 @@ from typing import Any
 
 from .. import _linux as L
 from .._errors import InvalidConfigError, NotSupportedError
-from ._cgroups import _parent, manager
+from ._cgroups import _parent, manager, remove_everywhere
 from ._native import Sandbox, SpawnResult, _bring_up_loopback, _resources, resolve_user
 
 __all__ = ["RUNTIME_ANNOTATION", "RUNTIME_ENV", "OciSandbox", "OciSpawnResult",
@@ -438,4 +438,5 @@ def destroy_sandbox(sb: Sandbox) -> None:
         sb.cgroup.remove()
     except OSError:
         pass
+    remove_everywhere(sb.container_id)  # what the runtime made and left in other hierarchies
     sb.init_pid = 0

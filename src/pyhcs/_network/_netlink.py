@@ -236,9 +236,12 @@ def set_tbf(ipr: IPRoute, name: str, bytes_per_second: int) -> None:
     idx = _index(ipr, name)
     if idx is None:
         raise NetlinkError(errno.ENODEV, f"no interface {name}")
-    # burst must hold at least one timer tick of traffic at the rate (and one MTU-size
-    # packet), or tbf cannot reach the rate; 10 ms of traffic is what tc's docs suggest.
-    burst = max(bytes_per_second // 100, 16 * 1024)
+    # burst must hold at least one timer tick of traffic at the rate and one whole packet
+    # (a veth sends TCP as GSO packets of up to 64 KiB), or tbf cannot reach the rate.
+    # 50 ms of traffic: tokens that accumulate while a busy machine delays the qdisc's
+    # dequeues are then spent, not lost, so the rate holds; what the endpoint can send
+    # above the rate is one such burst, a 5% excess over a second.
+    burst = max(bytes_per_second // 20, 96 * 1024)
     ipr.tc("replace", kind="tbf", index=idx, handle="1:", rate=bytes_per_second,
            burst=burst, latency=50_000)
 

@@ -351,3 +351,19 @@ def test_explicit_roots_hold_the_sandbox(roots: object, tmp_path: Path) -> None:
         c.close()
         pyhcs.remove_container("elsewhere", force=True, roots=other)
     assert not (other.layers_dir / "elsewhere").exists()
+
+
+def test_pid_1_killed_before_any_process_ends_the_container(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    sup = pyhcs.container_state(c.id)["supervisor_pid"]
+    children = Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
+    assert len(children) == 1  # pid 1, waiting for the container's first process
+    os.kill(int(children[0]), signal.SIGKILL)
+    c.wait(10)  # the supervisor notices at once instead of waiting forever
+    state = pyhcs.container_state(c.id)
+    assert state["state"] == "stopped" and state["exit_code"] == 137
+    deadline = time.monotonic() + 10
+    while _alive(sup):  # and it goes, leaving no zombie behind
+        assert time.monotonic() < deadline, "the supervisor outlived its container"
+        time.sleep(0.02)

@@ -145,6 +145,8 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.procs: dict[int, _Proc] = {}  # by host pid
         self.init_pid = 0
+        self.stub_fd = -1  # watches pid 1 until it runs the first process
+        self.stub_exit_code = 0  # how pid 1 ended if it never ran one
         self.container_waiters: list[socket.socket] = []
         self.sandbox: Sandbox | None = None
         self.stopping = False
@@ -177,9 +179,36 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.unlink(self.run_dir / SUPERVISOR_SOCKET)
             raise
+        # Pid 1 waits for the first process; if it dies before that (killed from the host,
+        # say), the container has ended: watched from now, not from the first process on.
+        if self.sandbox.init_pid:
+            self.stub_fd = os.pidfd_open(self.sandbox.init_pid)
+            self.sel.register(self.stub_fd, selectors.EVENT_READ, ("stub", None))
         # no status file yet: the client records 'running' itself, and a missing file with
         # a live supervisor means just that
         self.started = time.time()
+
+    def _unwatch_stub(self) -> None:
+        if self.stub_fd >= 0:
+            self.sel.unregister(self.stub_fd)
+            os.close(self.stub_fd)
+            self.stub_fd = -1
+
+    def _stub_exited(self) -> None:
+        """Pid 1 ended before any process ran in the container: the container has ended."""
+        self._unwatch_stub()
+        if self.init_pid or self.sandbox is None:
+            return  # it became the first process, whose own watch reports its exit
+        try:
+            _, status = os.waitpid(self.sandbox.init_pid, 0)
+            self.stub_exit_code = _exit_code(status)
+        except ChildProcessError:
+            self.stub_exit_code = 255
+        if self.sandbox.init_sock is not None:  # nothing left to tell it, nor to reap later
+            self.sandbox.init_sock.close()
+            self.sandbox.init_sock = None
+        self.stopping = True
+        self.sandbox.cgroup.kill_all()
 
     def _listen(self) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -227,6 +256,8 @@ class Supervisor:
                         self._serve(key.fileobj)  # type: ignore[arg-type]
                     elif kind == "exit":
                         self._reap(obj)
+                    elif kind == "stub":
+                        self._stub_exited()
                     elif kind == "log":
                         self._drain_log(obj)
                 except Exception:
@@ -240,7 +271,7 @@ class Supervisor:
     def _finish(self) -> None:
         """Record the container's end, answer waiters, release its kernel state."""
         init = self.procs.get(self.init_pid)
-        code = init.exit_code if init and init.exit_code is not None else 0
+        code = init.exit_code if init and init.exit_code is not None else self.stub_exit_code
         sb = self.sandbox
         self._close_log()  # before any waiter learns of the end: the log is complete
         if not self.exit_type:
@@ -398,6 +429,7 @@ class Supervisor:
         first = not self.init_pid
         if first:
             self.init_pid = result.pid
+            self._unwatch_stub()  # the process's own watch below takes over
         pidfd = os.pidfd_open(result.pid)
         p = _Proc(result.pid, _inner_pid(result.pid), pidfd, process,
                   stdin_w=ours.get("stdin", -1), stdout_r=ours.get("stdout", -1),

@@ -10,11 +10,13 @@ descriptors at the end destroys them with everything in them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
@@ -153,3 +155,35 @@ def tcp_client(ns: Netns) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)
     return s
+
+
+def interface_names() -> set[str]:
+    """The names of the current namespace's interfaces."""
+    with IPRoute() as ipr:
+        return {str(link.get("ifname")) for link in ipr.get_links()}
+
+
+def nft_table_names() -> set[str]:
+    """The names of the current namespace's nftables tables."""
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+    return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
+
+
+def killed_in(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
+              action: Callable[[], Any]) -> None:
+    """Run *action* in a child that is SIGKILLed right after *module.name* has run."""
+    real = getattr(module, name)
+
+    def then_die(*a: Any, **kw: Any) -> Any:
+        real(*a, **kw)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            monkeypatch.setattr(module, name, then_die)
+            action()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL

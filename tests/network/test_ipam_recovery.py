@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -18,17 +17,15 @@ from pyhcs._paths import Roots
 from pyhcs._registry import Registry
 from pyhcs._schema import to_dict
 
-from .conftest import Netns, Wire, tcp_client, tcp_server
-
-
-def _links() -> set[str]:
-    with IPRoute() as ipr:
-        return {str(link.get("ifname")) for link in ipr.get_links()}
-
-
-def _tables() -> set[str]:
-    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
-    return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
+from .conftest import (
+    Netns,
+    Wire,
+    interface_names,
+    killed_in,
+    nft_table_names,
+    tcp_client,
+    tcp_server,
+)
 
 
 def _rows(roots: Roots, sql: str) -> list[Any]:
@@ -63,36 +60,16 @@ def test_100_concurrent_endpoint_creations_get_distinct_addresses(roots: Roots) 
     hns.delete_network(net.id)
 
 
-def _killed_in(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
-               action: Callable[[], Any]) -> None:
-    """Run *action* in a child that is SIGKILLed right after *module.name* has run."""
-    real = getattr(module, name)
-
-    def then_die(*a: Any, **kw: Any) -> Any:
-        real(*a, **kw)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    pid = os.fork()
-    if pid == 0:
-        try:
-            monkeypatch.setattr(module, name, then_die)
-            action()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
-
 def test_kill_during_network_create_leaves_nothing_after_recover(
         roots: Roots, monkeypatch: pytest.MonkeyPatch) -> None:
-    links, tables = _links(), _tables()
-    _killed_in(monkeypatch, _nft, "network_tables",
+    links, tables = interface_names(), nft_table_names()
+    killed_in(monkeypatch, _nft, "network_tables",
                lambda: hns.create_network(pyhcs.HNSNetwork(name="doomed")))
-    assert any(n.startswith("phbr") for n in _links() - links)
-    assert _tables() - tables
+    assert any(n.startswith("phbr") for n in interface_names() - links)
+    assert nft_table_names() - tables
     assert hns.list_networks() == []  # never reported while half made
     assert len(hns.recover()) == 1
-    assert _links() == links and _tables() == tables
+    assert interface_names() == links and nft_table_names() == tables
     assert _rows(roots, "SELECT * FROM networks") == []
     assert _rows(roots, "SELECT * FROM net_subnets") == []
     # the name and subnet are free again
@@ -103,7 +80,7 @@ def test_kill_during_endpoint_create_and_attach_leaves_nothing_after_recover(
         roots: Roots, monkeypatch: pytest.MonkeyPatch, make_ns: Callable[[], Netns]) -> None:
     net = hns.create_network(pyhcs.HNSNetwork(name="n"))
     nat = to_dict(pyhcs.NatPolicy(protocol="TCP", internal_port=80, external_port=8080))
-    _killed_in(monkeypatch, _nft, "add_port_mappings",
+    killed_in(monkeypatch, _nft, "add_port_mappings",
                lambda: hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id,
                                                              policies=[nat])))
     assert "8080" in _portmap(net.id)
@@ -114,12 +91,12 @@ def test_kill_during_endpoint_create_and_attach_leaves_nothing_after_recover(
 
     c = make_ns()
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id, policies=[nat]))
-    links = _links()
-    _killed_in(monkeypatch, _rtnl, "_create_veth",  # attach's veth, on a nat network
+    links = interface_names()
+    killed_in(monkeypatch, _rtnl, "_create_veth",  # attach's veth, on a nat network
                lambda: hns.attach_endpoint(ep.id, c.path, container_id="c"))
-    assert hns.host_ifname(ep.id) in _links()
+    assert hns.host_ifname(ep.id) in interface_names()
     assert hns.recover() == [ep.id]
-    assert _links() == links
+    assert interface_names() == links
     # the endpoint itself survives, detached, and can be attached again
     assert hns.get_endpoint(ep.id) == ep
     assert hns.attach_endpoint(ep.id, c.path, container_id="c") == "eth0"
@@ -138,7 +115,7 @@ def test_recover_leaves_live_creators_alone(roots: Roots) -> None:
     reg.execute("UPDATE networks SET state='creating', owner_pid=?, owner_start=? WHERE id=?",
                 (os.getpid(), _service._start_time(os.getpid()), net.id))
     assert hns.recover() == []
-    assert hns.bridge_name(net.id) in _links()
+    assert hns.bridge_name(net.id) in interface_names()
     reg.execute("UPDATE networks SET state='ready' WHERE id=?", (net.id,))
     hns.delete_network(net.id)
 
@@ -162,7 +139,7 @@ def test_restore_after_reboot_like_restart(
     old.fd = os.open("/dev/null", os.O_RDONLY)  # make_ns closes it at the end
 
     assert hns.restore() == [net.id]
-    assert hns.bridge_name(net.id) in _links()
+    assert hns.bridge_name(net.id) in interface_names()
     assert "tcp . 8081 : 10.71.0.2 . 80" in _portmap(net.id)
     assert hns.endpoint_compartment_id(ep.id) == 0  # the dead container's attachment cleared
     assert hns.restore() == []  # intact networks are not touched

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 import pyhcs
 from pyhcs import _network as hns
@@ -15,21 +14,13 @@ from pyhcs._paths import Roots
 from pyhcs._registry import Registry
 from pyhcs._schema import to_dict
 
+from .conftest import interface_names, nft_table_names
+
 NAT_NET = json.dumps({
     "Name": "natnet", "Type": "nat",
     "Subnets": [{"AddressPrefix": "10.88.0.0/24", "GatewayAddress": "10.88.0.1"}],
     "DNSServerList": "10.88.0.53,1.1.1.1", "DNSSuffix": "corp.example",
 })
-
-
-def _links() -> set[str]:
-    with IPRoute() as ipr:
-        return {str(link.get("ifname")) for link in ipr.get_links()}
-
-
-def _tables() -> set[str]:
-    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
-    return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
 
 
 def _counts(roots: Roots) -> tuple[int, ...]:
@@ -44,8 +35,8 @@ def test_network_create_get_list_delete(roots: Roots) -> None:
     assert net.id and net.name == "natnet" and net.type == "nat"
     assert net.subnets[0].address_prefix == "10.88.0.0/24"
     assert net.mac_pools, "a network without MacPools gets one, as HNS does"
-    assert hns.bridge_name(net.id) in _links()
-    assert hns._nft.table_name(net.id) in _tables()
+    assert hns.bridge_name(net.id) in interface_names()
+    assert hns._nft.table_name(net.id) in nft_table_names()
 
     assert hns.hns_network_request("GET", net.id, "") == net
     assert hns.hns_network_request("GET", f"/networks/{net.id.lower()}", "") == net
@@ -59,8 +50,8 @@ def test_network_create_get_list_delete(roots: Roots) -> None:
     gone = hns.hns_network_request("DELETE", net.id, "")
     assert gone.id == net.id
     assert hns.hns_list_network_request("GET", "", "") == []
-    assert hns.bridge_name(net.id) not in _links()
-    assert hns._nft.table_name(net.id) not in _tables()
+    assert hns.bridge_name(net.id) not in interface_names()
+    assert hns._nft.table_name(net.id) not in nft_table_names()
     assert _counts(roots) == (0, 0, 0, 0, 0, 0, 0)
 
 
@@ -202,7 +193,7 @@ def test_bad_requests_raise_and_change_nothing(
         "Name": "first", "VirtualNetwork": net.id, "IPAddress": "10.88.0.9",
         "Policies": [{"Type": "NAT", "Protocol": "TCP", "InternalPort": 80,
                       "ExternalPort": 8080}]}))
-    before = (_counts(roots), _links(), _tables(), _portmap(net.id))
+    before = (_counts(roots), interface_names(), nft_table_names(), _portmap(net.id))
     call = {"net": hns.hns_network_request, "ep": hns.hns_endpoint_request,
             "pl": hns.hns_policy_list_request}[fn]
     with pytest.raises(cls) as e:
@@ -215,7 +206,7 @@ def test_bad_requests_raise_and_change_nothing(
         assert pyhcs.is_not_exist(e.value) == (code is pyhcs.ERR_ELEMENT_NOT_FOUND)
     if cls is hns.InvalidNetworkRequestError:
         assert isinstance(e.value, pyhcs.InvalidConfigError)
-    assert (_counts(roots), _links(), _tables(), _portmap(net.id)) == before
+    assert (_counts(roots), interface_names(), nft_table_names(), _portmap(net.id)) == before
     hns.delete_endpoint(first.id)
     hns.delete_network(net.id)
 

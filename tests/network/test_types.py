@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -30,7 +29,16 @@ from pyhcs._paths import Roots
 from pyhcs._schema import to_dict
 
 from ..compute.conftest import run
-from .conftest import Netns, inside, run_in, tcp_client, tcp_server
+from .conftest import (
+    Netns,
+    inside,
+    interface_names,
+    killed_in,
+    nft_table_names,
+    run_in,
+    tcp_client,
+    tcp_server,
+)
 
 SEGMENT = "192.0.2.0/24"
 HOST_ADDRESS = "192.0.2.1"
@@ -87,16 +95,6 @@ def _uplink_state(name: str = "up0") -> dict[str, Any]:
             "addresses": sorted(addrs), "routes": sorted(routes)}
 
 
-def _links() -> set[str]:
-    with IPRoute() as ipr:
-        return {str(link.get("ifname")) for link in ipr.get_links()}
-
-
-def _tables() -> set[str]:
-    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
-    return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
-
-
 def _peer_of(server: Any) -> str:
     """Accept one connection on *server*, return the peer's address."""
     conn, (addr, _) = server.accept()
@@ -125,7 +123,7 @@ def _no_leftovers() -> Iterator[None]:
 def test_l2bridge_puts_endpoints_on_the_uplink_segment_and_gives_it_back(
         uplink: Uplink, make_ns: Callable[[], Netns]) -> None:
     before = _uplink_state()
-    links, tables = _links(), _tables()
+    links, tables = interface_names(), nft_table_names()
     net = hns.create_network(pyhcs.HNSNetwork(
         name="l2", type="l2bridge", network_adapter_name="up0",
         subnets=[pyhcs.Subnet(address_prefix=SEGMENT, gateway_address=OUTSIDE_ADDRESS)]))
@@ -165,7 +163,7 @@ def test_l2bridge_puts_endpoints_on_the_uplink_segment_and_gives_it_back(
     hns.delete_endpoint(ep.id)
     hns.delete_network(net.id)
     assert _uplink_state() == before
-    assert _links() == links and _tables() == tables
+    assert interface_names() == links and nft_table_names() == tables
 
 
 def test_l2bridge_gives_a_down_uplink_back_down(make_ns: Callable[[], Netns]) -> None:
@@ -218,7 +216,7 @@ def test_transparent_endpoints_are_macvlans_of_the_uplink(
         make_ns: Callable[[], Netns]) -> None:
     uplink = _make_uplink(make_ns(), up=False)
     before = _uplink_state()
-    links = _links()
+    links = interface_names()
     net = hns.create_network(pyhcs.HNSNetwork(
         name="tr", type="transparent", network_adapter_name="up0",
         subnets=[pyhcs.Subnet(address_prefix=SEGMENT, gateway_address=OUTSIDE_ADDRESS)]))
@@ -231,7 +229,7 @@ def test_transparent_endpoints_are_macvlans_of_the_uplink(
     inner = run_in(c1, "ip", "-d", "-o", "link", "show", "eth0").stdout
     assert "macvlan mode bridge" in inner
     assert e1.mac_address.replace("-", ":").lower() in inner
-    assert _links() == links  # nothing of an endpoint stays on the host
+    assert interface_names() == links  # nothing of an endpoint stays on the host
     # outside -> container, with its own address and MAC on the segment
     server = tcp_server(c1, 7011)
     with contextlib.closing(server):
@@ -412,7 +410,7 @@ def test_overlay_joins_containers_on_two_machines(
     for m in (m1, m2):
         with inside(m.ns):
             _cleanup(m.roots)
-            assert not [n for n in _links() if n.startswith("ph")]
+            assert not [n for n in interface_names() if n.startswith("ph")]
 
 
 def test_overlay_requests_checked(machines: tuple[Machine, Machine]) -> None:
@@ -475,37 +473,17 @@ def test_overlay_restore_recreates_vxlan_and_remote_entries(
 # --------------------------------------------------------------------------- recovery
 
 
-def _killed_in(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
-               action: Callable[[], Any]) -> None:
-    """Run *action* in a child that is SIGKILLed right after *module.name* has run."""
-    real = getattr(module, name)
-
-    def then_die(*a: Any, **kw: Any) -> Any:
-        real(*a, **kw)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    pid = os.fork()
-    if pid == 0:
-        try:
-            monkeypatch.setattr(module, name, then_die)
-            action()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
-
 def test_kill_during_l2bridge_create_gives_the_uplink_back(
         uplink: Uplink, monkeypatch: pytest.MonkeyPatch) -> None:
-    before, links, tables = _uplink_state(), _links(), _tables()
+    before, links, tables = _uplink_state(), interface_names(), nft_table_names()
     request = pyhcs.HNSNetwork(name="doomed", type="l2bridge", network_adapter_name="up0",
                                subnets=[pyhcs.Subnet(address_prefix=SEGMENT)])
-    _killed_in(monkeypatch, _netlink, "take_uplink", lambda: hns.create_network(request))
+    killed_in(monkeypatch, _netlink, "take_uplink", lambda: hns.create_network(request))
     assert _uplink_state()["master"]  # half made: the uplink is held by a bridge
     assert hns.list_networks() == []
     assert len(hns.recover()) == 1
     assert _uplink_state() == before
-    assert _links() == links and _tables() == tables
+    assert interface_names() == links and nft_table_names() == tables
     hns.delete_network(hns.create_network(request).id)
     assert _uplink_state() == before
 
@@ -518,7 +496,7 @@ def test_kill_during_transparent_attach_leaves_nothing_after_recover(
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(), network=net.id)
     ctr = make_ns()
     path = ctr.path  # the parent's: it outlives the killed child
-    _killed_in(monkeypatch, _netlink, "create_macvlan_into",
+    killed_in(monkeypatch, _netlink, "create_macvlan_into",
                lambda: hns.attach_endpoint(ep.id, path, container_id="c"))
     assert "eth0" in run_in(ctr, "ip", "-o", "link").stdout
     assert hns.recover() == [ep.id]
@@ -611,7 +589,7 @@ def test_kill_during_remote_endpoint_create_leaves_no_fdb_entry(
         ip_address="10.200.0.50", mac_address="02-00-00-00-00-50", is_remote_endpoint=True,
         policies=[to_dict(pyhcs.PaPolicy(pa="192.0.2.2"))])
     with inside(m1.ns):
-        _killed_in(monkeypatch, _netlink, "add_remote",
+        killed_in(monkeypatch, _netlink, "add_remote",
                    lambda: hns.create_endpoint(request, network=net.id, roots=m1.roots))
     assert "02:00:00:00:00:50 dst 192.0.2.2" in _fdb(m1, net)
     with inside(m1.ns):

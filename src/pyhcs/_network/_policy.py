@@ -213,18 +213,11 @@ def endpoint_policies(policies: list[dict[str, Any]], where: str, op: str) -> En
         elif t == "ACL":
             out.acls.append(_acl(entry, where, op))
         elif t == "OUTBOUNDNAT":
-            out.outbound_exceptions += _prefixes(
-                _lower_keys(entry).get("exceptionlist"), where, "OutBoundNAT ExceptionList", op)
+            out.outbound_exceptions += _nat_exceptions(entry, where, op)
         elif t == "VLAN":
-            vlan: VlanPolicy = _load(VlanPolicy, entry, where, op)
-            if not 1 <= vlan.vlan <= 4094:
-                raise InvalidNetworkRequestError(where, op, message="VLAN must be 1..4094")
-            out.vlan = vlan.vlan
+            out.vlan = _vlan(entry, where, op)
         elif t == "VSID":
-            vsid: VsidPolicy = _load(VsidPolicy, entry, where, op)
-            if not 1 <= vsid.vsid < 2**24:
-                raise InvalidNetworkRequestError(where, op, message="VSID must be 1..2^24-1")
-            out.vsid = vsid.vsid
+            out.vsid = _vsid(entry, where, op)
         elif t == "PA":
             pa: PaPolicy = _load(PaPolicy, entry, where, op)
             try:
@@ -235,24 +228,36 @@ def endpoint_policies(policies: list[dict[str, Any]], where: str, op: str) -> En
     return out
 
 
+def _vlan(entry: dict[str, Any], where: str, op: str) -> int:
+    vlan: VlanPolicy = _load(VlanPolicy, entry, where, op)
+    if not 1 <= vlan.vlan <= 4094:
+        raise InvalidNetworkRequestError(where, op, message="VLAN must be 1..4094")
+    return vlan.vlan
+
+
+def _vsid(entry: dict[str, Any], where: str, op: str) -> int:
+    vsid: VsidPolicy = _load(VsidPolicy, entry, where, op)
+    if not 1 <= vsid.vsid < 2**24:
+        raise InvalidNetworkRequestError(where, op, message="VSID must be 1..2^24-1")
+    return vsid.vsid
+
+
+def _nat_exceptions(entry: dict[str, Any], where: str, op: str) -> list[str]:
+    return _prefixes(_lower_keys(entry).get("exceptionlist"), where,
+                     "OutBoundNAT ExceptionList", op)
+
+
 def network_policies(policies: list[dict[str, Any]], where: str, op: str) -> NetworkPolicies:
     """Check a network's (or a subnet's) ``Policies``."""
     out = NetworkPolicies()
     for entry in policies:
         t = _type(entry, where, NETWORK_TYPES, op)
         if t == "VLAN":
-            vlan: VlanPolicy = _load(VlanPolicy, entry, where, op)
-            if not 1 <= vlan.vlan <= 4094:
-                raise InvalidNetworkRequestError(where, op, message="VLAN must be 1..4094")
-            out.vlan = vlan.vlan
+            out.vlan = _vlan(entry, where, op)
         elif t == "VSID":
-            vsid: VsidPolicy = _load(VsidPolicy, entry, where, op)
-            if not 1 <= vsid.vsid < 2**24:
-                raise InvalidNetworkRequestError(where, op, message="VSID must be 1..2^24-1")
-            out.vsid = vsid.vsid
+            out.vsid = _vsid(entry, where, op)
         elif t == "OUTBOUNDNAT":
-            out.outbound_exceptions += _prefixes(
-                _lower_keys(entry).get("exceptionlist"), where, "OutBoundNAT ExceptionList", op)
+            out.outbound_exceptions += _nat_exceptions(entry, where, op)
     return out
 
 

@@ -262,8 +262,9 @@ def test_same_id_again_right_after_remove(busybox: list[str], unique_id: str) ->
 def _spare_pid() -> int:
     from pyhcs._compute import _supervisor
 
-    assert _supervisor._spare is not None
-    return _supervisor._spare.pid
+    pid = _supervisor.spare_pid()
+    assert pid is not None
+    return pid
 
 
 def test_spare_supervisor_takes_the_environment_at_start(make_container: Make,
@@ -297,6 +298,34 @@ def test_spare_supervisor_takes_the_environment_at_start(make_container: Make,
                 time.sleep(0.05)
 
 
+def test_spare_makes_the_namespaces_and_pid_1_ahead(make_container: Make) -> None:
+    make_container().start()
+    spare = _spare_pid()
+
+    def ns(pid: int | str, kind: str) -> str:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+    # the namespaces come first, then pid 1 (until it exists, pid_for_children reads as
+    # missing): wait for pid 1
+    children = Path(f"/proc/{spare}/task/{spare}/children")
+    deadline = time.monotonic() + 10
+    while not children.read_text().split():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for kind in ("net", "uts", "ipc", "pid_for_children"):
+        assert ns(spare, kind) != ns("self", kind), kind
+    # the mount namespace is made when the container comes (it must see its root mounted)
+    assert ns(spare, "mnt") == ns("self", "mnt")
+    (init,) = children.read_text().split()  # the next container's pid 1, waiting
+    assert ns(init, "pid") == ns(spare, "pid_for_children")
+    assert ns(init, "net") == ns(spare, "net")
+    c = make_container()
+    c.start()  # the spare takes it, in the namespaces it made
+    assert pyhcs.container_state(c.id)["supervisor_pid"] == spare
+    code, out, _ = run(c, "sh -c 'echo $$; hostname'")
+    assert code == 0 and out.split()[0] == b"1"
+
+
 def test_killed_spare_is_replaced(make_container: Make) -> None:
     make_container().start()
     spare = _spare_pid()
@@ -315,7 +344,7 @@ def test_spare_goes_with_its_client(busybox: list[str], roots: object) -> None:
         "layers = [pyhcs.Layer(id=p.rsplit('/', 1)[-1], path=p) for p in sys.argv[1:]]\n"
         "c = pyhcs.create_container('spare-client', pyhcs.ContainerConfig(layers=layers))\n"
         "c.start()\n"
-        "print(_supervisor._spare.pid, flush=True)\n"
+        "print(_supervisor.spare_pid(), flush=True)\n"
     )
     out = subprocess.run([sys.executable, "-c", script, *busybox], check=True,
                          capture_output=True, text=True, timeout=60).stdout

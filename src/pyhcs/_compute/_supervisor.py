@@ -1,9 +1,9 @@
 """The supervisor: one per running container, the parent of all its processes.
 
-It is forked by the client (a new session, no inherited fds: it outlives its client,
-which only reaps it if it finishes first), ahead of need: each client keeps one spare
-supervisor idle, hands it the next container to start and forks the next spare meanwhile
-(see "the spare supervisor" below). It owns the
+It is forked ahead of need (a new session, no inherited fds: it outlives its client): each
+client keeps one spare supervisor idle, hands it the next container to start and has the
+next spare forked meanwhile, by a forker process of its own (see "the spare supervisor"
+below). It owns the
 container's namespaces and cgroup, reaps every process it spawns, records exits in the
 run directory and serves clients over a unix socket there. Clients
 may come and go; nothing is lost when the creating client exits. When the container's
@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import gc
+import io
 import json
 import os
 import selectors
@@ -31,15 +32,25 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
 from .._paths import Roots
 from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._cgroups import namespace_mounts as cgroup_namespace_mounts
-from .._runtime._native import Sandbox, create_sandbox, destroy_sandbox, spawn
+from .._runtime._native import (
+    Sandbox,
+    Stub,
+    create_sandbox,
+    destroy_sandbox,
+    discard_stub,
+    namespace_flags,
+    prepare_stub,
+    spawn,
+)
 from .._runtime._seccomp import compile_seccomp
+from .._runtime._spec import NAMESPACES
 from . import _protocol as P
 from ._log import ContainerLog
 
@@ -51,6 +62,8 @@ SUPERVISOR_SOCKET = "sup.sock"
 #: supervisor never opens the registry: SQLite's per-process lock state does not survive
 #: fork(), so clients fold this file into the registry when they look (``_sync``).
 STATUS_FILE = "status.json"
+#: _oci.RUNTIME_ANNOTATION, without importing _oci (only an OCI runtime's container needs it)
+_RUNTIME_ANNOTATION = "io.pyhcs.runtime"
 _TIOCSWINSZ = 0x5414
 _TIOCSPTLCK = 0x40045431
 _TIOCGPTPEER = 0x5441
@@ -136,8 +149,9 @@ class _Proc:
 
 class Supervisor:
     def __init__(self, container_id: str, roots: Roots, spec: dict[str, Any],
-                 seccomp_bpf: bytes = b"") -> None:
+                 seccomp_bpf: bytes = b"", stub: Stub | None = None) -> None:
         self.id = container_id
+        self.stub = stub  # the namespaces and pid 1 made ahead, if any (native only)
         self.seccomp_bpf = seccomp_bpf
         self.roots = roots
         self.spec = spec
@@ -163,15 +177,21 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        # the socket first: create_sandbox moves us into the container's namespaces
+        # the socket first, in the host's mount namespace (create_sandbox makes ours)
         self._listen()
         try:
-            # executor choice: the spec names an OCI runtime (_oci.RUNTIME_ANNOTATION) or
-            # not (native); _oci is imported only for the former
-            if "io.pyhcs.runtime" not in self.spec.get("annotations", {}):
-                self.sandbox = create_sandbox(self.id, self.spec, seccomp_bpf=self.seccomp_bpf)
+            # executor choice: the spec names an OCI runtime or not (native); _oci is
+            # imported only for the former
+            stub, self.stub = self.stub, None
+            if _RUNTIME_ANNOTATION not in self.spec.get("annotations", {}):
+                self.sandbox = create_sandbox(self.id, self.spec, seccomp_bpf=self.seccomp_bpf,
+                                              stub=stub)
             else:
                 from .._runtime import _oci
+
+                if stub is not None:  # launch never sends an OCI runtime's container here
+                    discard_stub(stub)
+                    raise OSError(errno.EINVAL, "an OCI runtime needs the host's namespaces")
 
                 self.sandbox = _oci.create_sandbox(self.id, self.spec, self.run_dir)
                 self._spawn, self._destroy = _oci.spawn, _oci.destroy_sandbox
@@ -627,17 +647,43 @@ def reap_supervisors() -> None:
 # A forked Python process spends milliseconds copying the pages it writes to before it does
 # anything useful, and detaching costs more. So a client keeps one supervisor forked
 # ahead of need: detached and idle, it waits on a socket for the container it will
-# supervise. Starting a container hands the spare its work and forks the next spare while
-# the container starts. A spare exits when its client closes the socket or exits.
+# supervise. Starting a container hands the spare its work and asks for the next spare
+# while the container starts. A spare exits when its client closes the socket or exits.
+#
+# While it waits, a spare also makes what every native container needs and no spec changes:
+# the pid, net, ipc and uts namespaces, the loopback device up, and the container's pid 1
+# (see _native.prepare_stub). So those are off the start path too. It cannot leave those
+# namespaces again: a container on an OCI runtime, or with other namespaces, gets a
+# supervisor forked for it instead, and the spare waits for the next one.
+#
+# Spares are not forked by the client itself but by its forker, a child forked once that
+# only forks spares. A fork marks every page of the forking process copy-on-write, so a
+# client that forked each spare itself would pay a page fault for every page it wrote to
+# afterwards, on its own start path, once per container. The forker writes next to
+# nothing between forks. It reaps the supervisors it forked and, once its client has gone,
+# stays until they have all ended, so that no finished supervisor is left unreaped.
+
+#: the namespaces a spare makes ahead: those of every container pyhcs specifies
+_SPARE_FLAGS = namespace_flags({"linux": {"namespaces": [{"type": t} for t in NAMESPACES]}})
 
 
 @dataclass
 class _Spare:
     pid: int
     sock: socket.socket
+    flags: int  #: the namespaces it made ahead (0: none, it can start any container)
+    ours: bool = True  #: our child (forked here), not the forker's
+
+
+@dataclass
+class _Forker:
+    pid: int
+    sock: socket.socket
+    pending: bool = False  #: a spare was asked for and its reply not read yet
 
 
 _spare: _Spare | None = None
+_forker: _Forker | None = None
 _keep_spare = True
 
 
@@ -651,28 +697,176 @@ def keep_spare(enabled: bool) -> None:
 
 
 def close_spare() -> None:
-    """End this process's spare supervisor, if any, and wait for it to go."""
-    global _spare
+    """End this process's spare supervisor and its forker, if any, and wait for them to
+    go (the forker stays while supervisors of running containers that it forked live)."""
+    global _spare, _forker
     spare, _spare = _spare, None
-    if spare is None:
-        return
+    forker, _forker = _forker, None
+    if forker is not None and forker.pending and spare is None:
+        spare = _receive_spare(forker)
+    if spare is not None:
+        _end_spare(spare)
+    if forker is not None:
+        forker.sock.close()  # it sees end of file and exits, once its supervisors have
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(forker.pid, os.WNOHANG)[0]:
+                    _children.discard(forker.pid)
+                    break
+            time.sleep(0.002)
+
+
+def _end_spare(spare: _Spare) -> None:
     spare.sock.close()  # the spare sees end of file and exits
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(spare.pid, 0)
-    _children.discard(spare.pid)
+    if spare.ours:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(spare.pid, 0)
+        _children.discard(spare.pid)
+        return
+    try:  # the forker's child: wait for its end without reaping it
+        fd = os.pidfd_open(spare.pid)
+    except ProcessLookupError:
+        return
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            sel.select(10)
+    finally:
+        os.close(fd)
 
 
 def _forget_spare_after_fork() -> None:
-    # A child of this process (the application's fork, or a supervisor) must not hand work
-    # to our spare: drop its copy of the socket.
-    global _spare
-    if _spare is not None:
-        with contextlib.suppress(OSError):
-            _spare.sock.close()
-    _spare = None
+    # A child of this process (the application's fork, a supervisor, the forker) must not
+    # hand work to our spare or ask our forker for one: drop its copies of the sockets.
+    global _spare, _forker
+    for held in (_spare, _forker):
+        if held is not None:
+            with contextlib.suppress(OSError):
+                held.sock.close()
+    _spare = _forker = None
 
 
 os.register_at_fork(after_in_child=_forget_spare_after_fork)
+
+
+def _ask_forker() -> None:
+    """Ask the forker (forked now if there is none) for the next spare; its reply is read
+    when the spare is needed (:func:`_take_spare`)."""
+    global _forker
+    if _forker is None:
+        _before_fork()
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                code = _forker_main(theirs)
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        _children.add(pid)
+        _forker = _Forker(pid, ours)
+    try:
+        _forker.sock.send(b"%d" % _SPARE_FLAGS, socket.MSG_NOSIGNAL)
+        _forker.pending = True
+    except OSError:  # it died (killed by someone): the next start forks its own
+        _drop_forker()
+
+
+def _drop_forker() -> None:
+    global _forker
+    if _forker is not None:
+        _forker.sock.close()
+        _forker = None
+
+
+def _receive_spare(forker: _Forker) -> _Spare | None:
+    forker.pending = False
+    try:
+        msg, fds, _, _ = socket.recv_fds(forker.sock, 64, 1)
+    except OSError:
+        msg, fds = b"", []
+    if not msg or not fds:
+        for fd in fds:
+            os.close(fd)
+        _drop_forker()
+        return None
+    pid, flags = struct.unpack("<ii", msg)
+    return _Spare(pid, socket.socket(fileno=fds[0]), flags, ours=False)
+
+
+def spare_pid() -> int | None:
+    """The pid of this process's spare supervisor, if it has one (for tests and
+    diagnostics; a spare asked of the forker is received first)."""
+    global _spare
+    if _spare is None:
+        _spare = _take_spare()
+    return _spare.pid if _spare is not None else None
+
+
+def _take_spare() -> _Spare | None:
+    """The spare to start the next container: the one at hand, or the forker's reply."""
+    global _spare
+    spare, _spare = _spare, None
+    if spare is None and _forker is not None and _forker.pending:
+        spare = _receive_spare(_forker)
+    return spare
+
+
+def _forker_main(sock: socket.socket) -> int:
+    """Fork a spare for each request on *sock* and send back its socket, until the client
+    closes *sock*; then wait for every supervisor forked here to end."""
+    _detach(sock.fileno())
+    gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
+    # Supervisors end at any time: reap them as they do (SIGCHLD interrupts recv, which
+    # Python resumes after the handler).
+    signal.signal(signal.SIGCHLD, lambda *_: _reap_any())
+    while data := sock.recv(64):
+        flags = int(data)
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                sock.close()
+                ours.close()
+                code = _spare_main(theirs, flags)
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        try:
+            socket.send_fds(sock, [struct.pack("<ii", pid, flags)], [ours.fileno()])
+        except OSError:
+            break
+        finally:
+            ours.close()
+    sock.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
+
+
+def _reap_any() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
 
 
 def _send_frame(sock: socket.socket, data: bytes) -> None:
@@ -703,17 +897,21 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _fork_spare() -> _Spare:
+def _before_fork() -> None:
     # chosen and read here, once, not in every forked supervisor
     cgroup_manager()
     cgroup_namespace_mounts()
+
+
+def _fork_spare(flags: int) -> _Spare:
+    _before_fork()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             ours.close()
-            code = _spare_main(theirs)
+            code = _spare_main(theirs, flags)
         except BaseException:
             with contextlib.suppress(BaseException):
                 traceback.print_exc()
@@ -721,33 +919,36 @@ def _fork_spare() -> _Spare:
             os._exit(code)
     theirs.close()
     _children.add(pid)
-    return _Spare(pid, ours)
+    return _Spare(pid, ours, flags)
 
 
-def _spare_main(sock: socket.socket) -> int:
-    """Wait for a container to supervise, start it, report, and supervise it to the end."""
+def _spare_main(sock: socket.socket, flags: int) -> int:
+    """Make the namespaces *flags* and pid 1 ahead, wait for a container to supervise,
+    start it, report, and supervise it to the end."""
     _children.clear()
     _detach(sock.fileno())
     gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
+    # If this fails the spare just exits: its client then forks a supervisor for the
+    # container, which makes the namespaces itself and reports what went wrong.
+    stub = prepare_stub(flags) if flags else None
     try:
         data = _recv_frame(sock)
     except OSError:
         data = b""
     if not data:
+        if stub is not None:
+            discard_stub(stub)
         return 0  # our client closed us or exited: never needed
     job = json.loads(data)
     # the client's environment now, not when we were forked (PYHCS_* settings)
-    os.environ.clear()
-    os.environ.update(job["env"])
+    if os.environ != job["env"]:
+        os.environ.clear()
+        os.environ.update(job["env"])
     roots = Roots(Path(job["root"]), Path(job["run_root"]))
     container_id = job["id"]
-    log = os.open(roots.container_run_dir(container_id) / "supervisor.log",
-                  os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    os.dup2(log, 2)
-    os.close(log)
-    sys.stdout = sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    sys.stdout = sys.stderr = _LazyLog(roots.container_run_dir(container_id) / "supervisor.log")
     try:
-        sup = Supervisor(container_id, roots, job["spec"], bytes.fromhex(job["bpf"]))
+        sup = Supervisor(container_id, roots, job["spec"], bytes.fromhex(job["bpf"]), stub)
         sup.start()
     except BaseException as e:
         traceback.print_exc()
@@ -760,21 +961,42 @@ def _spare_main(sock: socket.socket) -> int:
     return 0
 
 
-def _hand_over(sup: _Spare, job: bytes, *, fork_next: bool) -> bytes | None:
+class _LazyLog(io.TextIOBase):
+    """The supervisor's stderr: ``supervisor.log`` in the run directory, made at the first
+    write (most supervisors never write one), and then fd 2 as well."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: TextIO | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self._file is None:
+            try:
+                fd = os.open(self._path,
+                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return len(text)  # the run directory is gone (the container was removed)
+            os.dup2(fd, 2)
+            os.close(fd)
+            self._file = open(2, "w", closefd=False)  # noqa: SIM115
+        n = self._file.write(text)
+        self._file.flush()
+        return n
+
+
+def _hand_over(sup: _Spare, job: bytes, *, ask_next: bool) -> bytes | None:
     """Give *sup* the container to start and return its report (b"" if it died while
     starting it), or None if it died before it took the work: nothing was started."""
-    global _spare
     try:
         try:
             _send_frame(sup.sock, job)
         except (BrokenPipeError, ConnectionResetError):
             return None
-        if fork_next:
-            # the next container's supervisor, forked while this one starts the container
-            try:
-                _spare = _fork_spare()
-            except OSError:
-                _spare = None
+        if ask_next:
+            _ask_forker()  # the next container's supervisor, forked while this one starts
         try:
             return _recv_frame(sup.sock)
         except ConnectionResetError:
@@ -799,13 +1021,20 @@ def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, 
     job = json.dumps({"id": container_id, "root": str(roots.root),
                       "run_root": str(roots.run_root), "spec": spec,
                       "env": dict(os.environ), "bpf": bpf.hex()}).encode()
-    spare, _spare = _spare, None
-    if spare is not None:
-        data = _hand_over(spare, job, fork_next=_keep_spare)
+    # executor choice: an OCI runtime's container needs a supervisor in the host's
+    # namespaces, a native one a supervisor that made the spec's
+    native = _RUNTIME_ANNOTATION not in spec.get("annotations", {})
+    flags = namespace_flags(spec) if native else 0
+    spare = _take_spare()
+    if spare is not None and spare.flags != flags:
+        _spare = spare  # not made for this container: it waits for the next one
+        data = _hand_over(_fork_spare(flags), job, ask_next=False)
+    elif spare is not None:
+        data = _hand_over(spare, job, ask_next=_keep_spare)
         if data is None:  # it died (killed by someone) before it read its work
-            data = _hand_over(_fork_spare(), job, fork_next=False)
+            data = _hand_over(_fork_spare(flags), job, ask_next=False)
     else:
-        data = _hand_over(_fork_spare(), job, fork_next=_keep_spare)
+        data = _hand_over(_fork_spare(flags), job, ask_next=_keep_spare)
     if not data:
         raise OSError(errno.EIO, "the supervisor died while starting the container")
     msg = json.loads(data)

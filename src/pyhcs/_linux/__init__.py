@@ -7,6 +7,7 @@ above translate those into pyhcs errors. Nothing here knows about containers.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 __all__ = [
@@ -14,7 +15,8 @@ __all__ = [
     "CLONE_NEWCGROUP", "CLONE_NEWUSER",
     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_REC",
     "MS_PRIVATE", "MS_SLAVE", "MS_STRICTATIME", "MS_RELATIME", "MNT_DETACH",
-    "mount", "umount", "unshare", "setns", "pivot_root", "prctl", "capset_drop_to",
+    "mount", "umount", "unshare", "setns", "pivot_root", "prctl", "capbset_drop_except",
+    "capset_drop_to",
     "close_range_from", "PR_SET_PDEATHSIG", "PR_SET_NO_NEW_PRIVS", "PR_SET_DUMPABLE",
     "PR_CAPBSET_DROP", "PR_SET_CHILD_SUBREAPER", "PR_SET_NAME", "CAP_LAST_CAP",
 ]
@@ -126,17 +128,21 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def capset_drop_to(keep: frozenset[int]) -> None:
-    """Reduce this thread to exactly *keep*: bounding set, then effective/permitted/inheritable.
-
-    Inheritable and ambient sets end empty, as containerd's defaults have them.
-    """
+def capbset_drop_except(keep: frozenset[int]) -> None:
+    """Drop every capability but *keep* from this thread's bounding set (needs
+    CAP_SETPCAP, so before :func:`capset_drop_to` and before a change of uid)."""
     for cap in range(CAP_LAST_CAP + 1):
         if cap not in keep:
             try:
                 prctl(PR_CAPBSET_DROP, cap)
-            except OSError:
-                pass  # a capability the kernel does not know, or already gone
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: a capability the kernel does not know
+                    raise
+
+
+def capset_drop_to(keep: frozenset[int]) -> None:
+    """Set this thread's effective and permitted sets to exactly *keep*; the inheritable
+    set ends empty, and so the ambient set, as containerd's defaults have them."""
     mask = 0
     for cap in keep:
         mask |= 1 << cap

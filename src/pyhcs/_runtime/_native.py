@@ -1,11 +1,13 @@
 """The native executor: runs an OCI runtime spec with namespaces, mounts and cgroups.
 
 A started container is a :class:`Sandbox`: its cgroup, the namespaces it lives in, and its
-pid 1. The supervisor builds it itself: it makes the cgroup, unshares the mount, uts, ipc,
-net and pid namespaces, sets up the root filesystem's mounts and forks pid 1, the first
-process of the new pid namespace. Pid 1 joins the cgroup, takes its own mount and cgroup
-namespaces, pivots into the root filesystem, mounts /proc and waits for the container's
-first process, which it becomes by exec. Later processes are the supervisor's own forks:
+pid 1. The supervisor builds it itself: it unshares the uts, ipc, net and pid namespaces
+and forks pid 1, the first process of the new pid namespace (a :class:`Stub`: made ahead,
+before the container is known, by a spare supervisor); then it unshares the mount
+namespace, sets up the root filesystem's mounts and makes the cgroup. Pid 1 joins the
+supervisor's mount namespace and the cgroup, takes its own mount and cgroup namespaces,
+pivots into the root filesystem, mounts /proc and waits for the container's first
+process, which it becomes by exec. Later processes are the supervisor's own forks:
 born in the pid namespace, they join the cgroup and the mount and cgroup namespaces of
 pid 1. So the supervisor is the parent of every process it starts and reaps each exit
 itself; when pid 1 exits the kernel ends the rest of the container. The supervisor stays
@@ -35,8 +37,9 @@ from ._cgroups import namespace_mounts as cgroup_namespace_mounts
 from ._seccomp import load_bpf
 from ._spec import CAPABILITY_NUMBERS, MAX_ID, SANDBOX_DEVICE_ANNOTATION
 
-__all__ = ["Sandbox", "SpawnResult", "create_sandbox", "destroy_sandbox", "spawn",
-           "secure_join", "resolve_user"]
+__all__ = ["Sandbox", "SpawnResult", "Stub", "create_sandbox", "destroy_sandbox",
+           "discard_stub", "namespace_flags", "prepare_stub", "resolve_user", "secure_join",
+           "spawn"]
 
 _NS_FLAGS = {"ipc": L.CLONE_NEWIPC, "uts": L.CLONE_NEWUTS, "net": L.CLONE_NEWNET,
              "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID}
@@ -340,52 +343,118 @@ def _child_fail(fd: int, e: BaseException) -> None:
         os._exit(127)
 
 
-def create_sandbox(container_id: str, spec: dict[str, Any], *,
-                   seccomp_bpf: bytes = b"") -> Sandbox:
-    """Create the container's cgroup and namespaces and fork its pid 1.
+@dataclass
+class Stub:
+    """Namespaces made ahead of a container, and its pid 1 waiting in them.
 
-    The caller is the supervisor (a single-threaded process that lives as long as the
-    container): it moves into the new mount, uts, ipc, net and pid namespaces itself, so
-    its later forks are born in them. Call it once per process. *seccomp_bpf* is the
-    spec's ``linux.seccomp`` compiled by :func:`pyhcs._runtime._seccomp.compile_seccomp`
-    (compiling takes tens of milliseconds: the caller does it once, before it forks).
+    :func:`prepare_stub` makes it in a process that will become a container's supervisor
+    before it knows the container (see the spare supervisor in ``pyhcs._compute``):
+    everything that does not depend on the container's spec is then off the start path.
     """
+
+    flags: int  #: the CLONE_NEW* namespaces made (the cgroup one is pid 1's own, later)
+    pid: int  #: pid 1's host pid
+    sock: socket.socket  #: our end of pid 1's socket
+
+
+def namespace_flags(spec: dict[str, Any]) -> int:
+    """The CLONE_NEW* flags of the spec's namespaces."""
     flags = 0
     for ns in spec["linux"]["namespaces"]:
         flags |= _NS_FLAGS[{"network": "net", "mount": "mnt"}.get(ns["type"], ns["type"])]
-    L.unshare(flags & ~L.CLONE_NEWCGROUP)  # pid: for our children, beginning with pid 1
-    if flags & L.CLONE_NEWUTS and spec.get("hostname"):
-        socket.sethostname(spec["hostname"])
+    return flags
+
+
+def prepare_stub(flags: int) -> Stub:
+    """Move this process into new namespaces (*flags*, but the mount and cgroup ones) and
+    fork the pid 1 that waits in them for :func:`create_sandbox`.
+
+    The mount namespace is left to :func:`create_sandbox`: a copy made now would miss
+    what the client mounts meanwhile (the container's root filesystem), and copying is
+    cheap. Call this once, in a single-threaded process that then serves as the
+    container's supervisor: it cannot leave the namespaces again. :func:`discard_stub`
+    ends pid 1 if no container comes.
+    """
+    L.unshare(flags & ~(L.CLONE_NEWCGROUP | L.CLONE_NEWNS))  # pid: for pid 1 and the rest
     if flags & L.CLONE_NEWNET:
         _bring_up_loopback()
-    _setup_rootfs(spec)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()
         if pid == 0:
-            _init_stub(theirs, ours, spec, flags, seccomp_bpf)
+            _init_stub(theirs, ours)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    # pid 1 gets going (a fork's first steps are slow) while we make its cgroup
+    return Stub(flags, pid, ours)
+
+
+def discard_stub(stub: Stub) -> None:
+    """End a stub's pid 1 (it sees its socket close and exits) and reap it."""
+    stub.sock.close()
     try:
+        os.waitpid(stub.pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def create_sandbox(container_id: str, spec: dict[str, Any], *,
+                   seccomp_bpf: bytes = b"", stub: Stub | None = None) -> Sandbox:
+    """Create the container's cgroup and namespaces and set up its pid 1.
+
+    The caller is the supervisor (a single-threaded process that lives as long as the
+    container): it moves into the new mount, uts, ipc, net and pid namespaces itself, so
+    its later forks are born in them. Call it once per process. With a *stub* made by
+    :func:`prepare_stub` for the spec's namespaces, this process is in all of them but the
+    mount namespace already, and pid 1 waits. *seccomp_bpf* is the spec's
+    ``linux.seccomp`` compiled by
+    :func:`pyhcs._runtime._seccomp.compile_seccomp` (compiling takes tens of milliseconds:
+    the caller does it once, before it forks).
+    """
+    flags = namespace_flags(spec)
+    if stub is None:
+        stub = prepare_stub(flags)
+    elif stub.flags != flags:
+        discard_stub(stub)
+        raise OSError(errno.EINVAL, "the namespaces made ahead are not the container's")
+    mnt = -1
+    try:
+        if flags & L.CLONE_NEWNS:
+            L.unshare(L.CLONE_NEWNS)
+            mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        if flags & L.CLONE_NEWUTS and spec.get("hostname"):
+            socket.sethostname(spec["hostname"])
+        _setup_rootfs(spec)
         try:
             cg = manager().create(container_id, _resources(spec))
         except FileExistsError:
             _wait_cgroup_released(container_id)
             cg = manager().create(container_id, _resources(spec))
     except BaseException:
-        ours.close()
-        os.waitpid(pid, 0)
+        if mnt >= 0:
+            os.close(mnt)
+        discard_stub(stub)
         raise
-    sb = Sandbox(container_id, cg, pid, ours, cg.join_files(), seccomp_bpf=seccomp_bpf)
+    sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf)
     try:
-        ours.send(json.dumps(sb.join_files).encode())
+        # what pid 1 needs of the spec (it was forked before there was one), and our mount
+        # namespace, which it joins before it makes its own copy to pivot in
+        linux = spec.get("linux", {})
+        setup = json.dumps({
+            "cgroup": sb.join_files, "flags": flags, "bpf": seccomp_bpf.hex(),
+            "spec": {"root": spec["root"], "mounts": spec.get("mounts", []),
+                     "linux": {k: linux[k] for k in ("maskedPaths", "readonlyPaths")
+                               if k in linux}},
+        }).encode()
+        socket.send_fds(stub.sock, [setup], [mnt] if mnt >= 0 else [])
     except BaseException:
         destroy_sandbox(sb)
         raise
+    finally:
+        if mnt >= 0:
+            os.close(mnt)
     return sb
 
 
@@ -424,10 +493,11 @@ def destroy_sandbox(sb: Sandbox) -> None:
         pass
 
 
-def _init_stub(sock: socket.socket, other: socket.socket, spec: dict[str, Any],
-               flags: int, seccomp_bpf: bytes) -> None:
-    """Pid 1 before the first process: in the cgroup, pivoted, /proc mounted; then it
+def _init_stub(sock: socket.socket, other: socket.socket) -> None:
+    """Pid 1 before the first process: waits for its container's cgroup and spec (or its
+    socket's end: no container came), then goes into the cgroup, pivots and mounts /proc,
     reports ready and execs on request."""
+    seccomp_bpf = b""
     try:
         other.close()
         # Until exec this is the host's Python binary inside the container: non-dumpable,
@@ -437,10 +507,16 @@ def _init_stub(sock: socket.socket, other: socket.socket, spec: dict[str, Any],
         _reset_signals()
         # nothing of the supervisor's (client sockets, pipes) may live on in pid 1
         L.close_range_from(3, keep=(sock.fileno(),))
-        msg = sock.recv(1 << 16)
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
         if not msg:
-            os._exit(0)  # the supervisor could not make the cgroup
-        _join_cgroup(json.loads(msg))
+            os._exit(0)  # no container came, or its cgroup could not be made
+        setup = json.loads(msg)
+        spec, flags = setup["spec"], setup["flags"]
+        seccomp_bpf = bytes.fromhex(setup["bpf"])
+        if fds:  # the supervisor's mount namespace, with the root filesystem's mounts
+            L.setns(fds[0], L.CLONE_NEWNS)
+            os.close(fds[0])
+        _join_cgroup(setup["cgroup"])
         # the cgroup namespace's root is the cgroup we are in when we make it; our own
         # mount namespace, so that pivot_root moves only us
         L.unshare(flags & L.CLONE_NEWCGROUP | L.CLONE_NEWNS)
@@ -662,9 +738,7 @@ def _exec(process: dict[str, Any], seccomp_bpf: bytes) -> None:
     os.umask(0o022)
     caps = process.get("capabilities", {}).get("bounding", [])
     keep = frozenset(CAPABILITY_NUMBERS[c] for c in caps if c in CAPABILITY_NUMBERS)
-    for cap in range(L.CAP_LAST_CAP + 1):
-        if cap not in keep:
-            L.prctl(L.PR_CAPBSET_DROP, cap)
+    L.capbset_drop_except(keep)
     nnp = process.get("noNewPrivileges", True)
     if nnp:
         L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)

@@ -23,13 +23,16 @@ from .._schema import ContainerConfig, ProcessConfig
 from ._seccomp import compile_seccomp, default_profile
 
 __all__ = ["DEFAULT_CAPABILITIES", "DEFAULT_PATH", "container_spec", "process_spec",
-           "MASKED_PATHS", "READONLY_PATHS", "MAX_ID", "IdMapping", "UserNamespace",
+           "MASKED_PATHS", "NAMESPACES", "READONLY_PATHS", "MAX_ID", "IdMapping",
+           "UserNamespace",
            "check_id", "parse_user"]
 
 OCI_VERSION = "1.0.2"
 #: The spec annotation naming the sandbox's block device ("major:minor").
 SANDBOX_DEVICE_ANNOTATION = "io.pyhcs.sandbox-device"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Every container's namespaces (a user namespace is added when one is asked for).
+NAMESPACES = ("pid", "network", "ipc", "uts", "mount", "cgroup")
 
 # containerd's default capability set (oci.DefaultSpec / defaultUnixCaps).
 DEFAULT_CAPABILITIES = [
@@ -194,8 +197,7 @@ def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
         "hostname": hostname,
         "mounts": _mounts(config),
         "linux": {
-            "namespaces": [{"type": t} for t in
-                           ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+            "namespaces": [{"type": t} for t in NAMESPACES]
                           + ([{"type": "user"}] if userns is not None else []),
             "resources": _resources(config, block_device),
             "maskedPaths": _masked_paths(),

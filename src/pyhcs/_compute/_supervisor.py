@@ -30,6 +30,7 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -758,17 +759,7 @@ def _ask_forker() -> None:
         _before_fork()
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                ours.close()
-                code = _forker_main(theirs)
-            except BaseException:
-                with contextlib.suppress(BaseException):
-                    traceback.print_exc()
-            finally:
-                os._exit(code)
+        pid = _fork_child(_forker_main, theirs, close=(ours,))
         theirs.close()
         _children.add(pid)
         _forker = _Forker(pid, ours)
@@ -831,19 +822,8 @@ def _forker_main(sock: socket.socket) -> int:
         flags = int(data)
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                sock.close()
-                ours.close()
-                code = _spare_main(theirs, flags)
-            except BaseException:
-                with contextlib.suppress(BaseException):
-                    traceback.print_exc()
-            finally:
-                os._exit(code)
+        # (the child's SIGCHLD goes back to the default in _spare_main's _detach)
+        pid = _fork_child(_spare_main, theirs, flags, close=(sock, ours))
         theirs.close()
         try:
             socket.send_fds(sock, [struct.pack("<ii", pid, flags)], [ours.fileno()])
@@ -906,20 +886,30 @@ def _before_fork() -> None:
 def _fork_spare(flags: int) -> _Spare:
     _before_fork()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    pid = _fork_child(_spare_main, theirs, flags, close=(ours,))
+    theirs.close()
+    _children.add(pid)
+    return _Spare(pid, ours, flags)
+
+
+def _fork_child(main: Callable[..., int], *args: Any,
+                close: tuple[socket.socket, ...] = ()) -> int:
+    """Fork a child that closes *close* (the parent's ends of its sockets), runs
+    ``main(*args)`` and exits with its code (1 if it raises): no exception may unwind into
+    the parent's stack in the child. Returns the child's pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            ours.close()
-            code = _spare_main(theirs, flags)
+            for end in close:
+                end.close()
+            code = main(*args)
         except BaseException:
             with contextlib.suppress(BaseException):
                 traceback.print_exc()
         finally:
             os._exit(code)
-    theirs.close()
-    _children.add(pid)
-    return _Spare(pid, ours, flags)
+    return pid
 
 
 def _spare_main(sock: socket.socket, flags: int) -> int:

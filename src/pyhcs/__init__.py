@@ -86,6 +86,7 @@ from ._layers import (
     unprepare_layer,
 )
 from ._paths import Roots
+from ._runtime._spec import IdMapping, UserNamespace
 from ._schema import (
     ComputeSystemQuery,
     ContainerConfig,
@@ -151,7 +152,7 @@ __all__ = [
     # compute
     "Container", "Process", "create_container", "create_container_with_json",
     "open_container", "get_containers", "remove_container", "container_state",
-    "hot_attach_endpoint", "hot_detach_endpoint",
+    "hot_attach_endpoint", "hot_detach_endpoint", "UserNamespace", "IdMapping",
     # network (loaded on first use)
     *sorted(_NETWORK_NAMES),
     # layers

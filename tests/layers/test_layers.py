@@ -494,3 +494,28 @@ def test_concurrent_imports_of_one_id_leave_one_layer(info: DriverInfo) -> None:
     assert results.count("ok") == 1 and results.count("exists") == 5
     assert layer_exists(info, "race")
     assert not [n for n in os.listdir(info.home_dir) if n.startswith(".tmp-")]
+
+
+def test_prepare_for_a_user_namespace_maps_the_parents_ids(
+    info: DriverInfo, chain: list[str]
+) -> None:
+    from pyhcs import IdMapping, UserNamespace
+
+    ns = UserNamespace(uid_map=(IdMapping(0, 100000, 65536),),
+                       gid_map=(IdMapping(0, 200000, 65536),))
+    create_sandbox_layer(info, "sb", "top", chain)
+    rootfs = os.path.join(info.home_dir, "sb", "rootfs")
+    prepare_layer(info, "sb", chain, userns=ns)
+    try:
+        # stored as 0:0 in the parents, seen through the mappings in the rootfs; the
+        # upper's root (the container's "/") belongs to the namespace's root
+        assert os.stat(Path(chain[1]) / "fs/etc/hello").st_uid == 0
+        st = os.stat(os.path.join(rootfs, "etc/hello"))
+        assert (st.st_uid, st.st_gid) == (100000, 200000)
+        assert (os.stat(rootfs).st_uid, os.stat(rootfs).st_gid) == (100000, 200000)
+    finally:
+        unprepare_layer(info, "sb")
+    assert not mounted(rootfs)
+    destroy_layer(info, "sb")
+    with pytest.raises(NotSupportedError, match="filter flavour"):
+        prepare_layer(DriverInfo(0, info.home_dir), "sb", chain, userns=ns)

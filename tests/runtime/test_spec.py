@@ -174,6 +174,16 @@ def test_user_namespace_in_the_spec() -> None:
     assert "uidMappings" not in spec()["linux"]
 
 
+def test_user_namespace_round_trips_through_the_spec_and_proc() -> None:
+    userns = UserNamespace(uid_map=(IdMapping(0, 100000, 65536),),
+                           gid_map=(IdMapping(1000, 300000, 1), IdMapping(0, 200000, 1000)))
+    assert UserNamespace.from_spec(spec(userns=userns)["linux"]) == userns
+    assert UserNamespace.from_spec(spec()["linux"]) is None
+    assert userns.proc_maps() == ("0 100000 65536\n", "1000 300000 1\n0 200000 1000\n")
+    assert userns.host_root() == (100000, 200000)
+    assert UserNamespace(uid_map=((1, 5, 1),), gid_map=((0, 5, 1),)).host_root() is None  # type: ignore[arg-type]
+
+
 def test_user_namespace_accepts_tuples_and_the_edges() -> None:
     ns = UserNamespace(uid_map=((0, 0, 1), (1, 4294967294, 1)),  # type: ignore[arg-type]
                        gid_map=((4294967294, 0, 1),))  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from .._compute import (
 from .._errors import HcsError
 from .._paths import Roots
 from .._registry import Registry
+from .._runtime._spec import IdMapping, UserNamespace
 from .._schema import ContainerConfig, Layer, ProcessConfig
 from . import _compute as _compute_cli
 from . import _images
@@ -57,11 +58,14 @@ def cli() -> None:
 @click.option("--network", default="", help="Attach to this network (name or id).")
 @click.option("-p", "--publish", multiple=True, metavar="HOST:CONTAINER[/udp]",
               help="Map a host port to a container port (needs --network).")
+@click.option("--userns", default="", metavar="CONTAINER:HOST:SIZE",
+              help="Run in a new user namespace: SIZE uids and gids from CONTAINER map to "
+              "HOST onward (e.g. 0:100000:65536).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostname: str,
         env: tuple[str, ...], workdir: str, user: str, interactive: bool, network: str,
-        publish: tuple[str, ...], image: str, command: tuple[str, ...]) -> None:
+        publish: tuple[str, ...], userns: str, image: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container of IMAGE; exit with its exit code.
 
     With --network, the container gets an endpoint of its own on that network (named
@@ -70,6 +74,7 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
     if publish and not network:
         raise click.UsageError("-p needs --network")
     ports = [_parse_publish(p) for p in publish]
+    user_namespace = _parse_userns(userns) if userns else None
     img = _layers.resolve_image(image)
     cfg = img.config
     argv = list(command)
@@ -94,7 +99,7 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
         endpoint_list=endpoints)
     try:
         c = create_container(container_id, config, image_config=cfg,
-                             auto_remove=auto_remove and detach)
+                             auto_remove=auto_remove and detach, user_namespace=user_namespace)
     except BaseException:
         _drop_run_endpoint(container_id)
         raise
@@ -120,6 +125,14 @@ def run(auto_remove: bool, detach: bool, name: str, memory_mb: int | None, hostn
     code = attach(p, interactive)
     _finish_run(container_id, auto_remove)
     sys.exit(code)
+
+
+def _parse_userns(spec: str) -> UserNamespace:
+    parts = spec.split(":")
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 10 for p in parts):
+        raise click.BadParameter(f"{spec!r} is not CONTAINER:HOST:SIZE", param_hint="--userns")
+    mapping = IdMapping(*(int(p) for p in parts))
+    return UserNamespace(uid_map=(mapping,), gid_map=(mapping,))  # InvalidConfigError: checked
 
 
 def _parse_publish(spec: str) -> tuple[int, int, str]:

@@ -45,7 +45,7 @@ from .._registry import Registry
 from .._runtime._cgroups import block_device
 from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._native import secure_join
-from .._runtime._spec import container_spec, process_spec
+from .._runtime._spec import UserNamespace, container_spec, process_spec
 from .._schema import (
     ComputeSystemQuery,
     ContainerConfig,
@@ -758,7 +758,8 @@ class Process:
 
 def create_container(container_id: str, config: ContainerConfig, *,
                      roots: Roots | None = None, image_config: dict[str, Any] | None = None,
-                     auto_remove: bool = False, runtime: str | None = None) -> Container:
+                     auto_remove: bool = False, runtime: str | None = None,
+                     user_namespace: UserNamespace | None = None) -> Container:
     """Create a container (not started) from *config*; return its handle.
 
     With ``config.layer_folder_path`` the caller's prepared sandbox layer is the root
@@ -768,10 +769,20 @@ def create_container(container_id: str, config: ContainerConfig, *,
     *runtime* chooses the executor (``"native"``, ``"crun"``, ``"runc"`` or an absolute
     path to an OCI runtime; None: ``$PYHCS_RUNTIME``, else native). It is kept with the
     container, which always runs on it (see ``pyhcs._runtime._oci``).
+
+    *user_namespace* (pyhcs's own; hcsshim has no such field) runs every process of the
+    container in a new user namespace with those id mappings: its root is an unprivileged
+    host id, with capabilities only over what the namespace maps. The image's files read
+    as owned by root inside (id-mapped layers; Linux >= 6.13). Its other namespaces
+    (network, hostname, mounts) stay the host's to manage, so even its root cannot change
+    them. Needs the native runtime and a sandbox pyhcs makes (``config.layers``); otherwise
+    :class:`NotSupportedError`.
     """
     op = "CreateContainer"
     _check_id(container_id, op)
     validate(config)
+    if user_namespace is not None and not isinstance(user_namespace, UserNamespace):
+        raise InvalidConfigError(op, message="user_namespace must be a UserNamespace")
     # executor choice (see _runtime._oci, imported only when an OCI runtime is chosen)
     choice = runtime if runtime is not None else os.environ.get("PYHCS_RUNTIME", "")
     oci_runtime = None
@@ -779,6 +790,11 @@ def create_container(container_id: str, config: ContainerConfig, *,
         from .._runtime import _oci
 
         oci_runtime = _oci.resolve_runtime(choice, op)
+    if user_namespace is not None and (oci_runtime is not None or config.layer_folder_path):
+        raise NotSupportedError(
+            op, extra_info="user_namespace",
+            message="a user namespace needs the native runtime and a sandbox that pyhcs "
+            "prepares itself (config.layers, not layer_folder_path)")
     roots = roots or Roots.resolve()
     if config.endpoint_list:
         from .. import _network
@@ -814,7 +830,8 @@ def create_container(container_id: str, config: ContainerConfig, *,
                                          size_bytes=config.storage_sandbox_size or None,
                                          roots=roots)
             try:
-                _layers.prepare_layer(info, sandbox, parents, roots=roots)
+                _layers.prepare_layer(info, sandbox, parents, roots=roots,
+                                      userns=user_namespace)
             except BaseException:
                 _layers.destroy_layer(info, sandbox, roots=roots)
                 raise
@@ -823,7 +840,7 @@ def create_container(container_id: str, config: ContainerConfig, *,
             raise InvalidConfigError(op, message="Layers is empty and no LayerFolderPath given")
         try:
             upper = os.path.join(home, sandbox, "upper") if sandbox else ""
-            spec = container_spec(container_id, config, rootfs,
+            spec = container_spec(container_id, config, rootfs, userns=user_namespace,
                                   block_device=_sandbox_device(rootfs, upper, config))
             if oci_runtime is not None:  # executor choice, kept with the container
                 spec["annotations"]["io.pyhcs.runtime"] = oci_runtime  # RUNTIME_ANNOTATION

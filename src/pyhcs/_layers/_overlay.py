@@ -15,6 +15,15 @@ container's writes reach the disk as the kernel writes back, like any unsynced f
 host crash catches unwritten is lost. Overlayfs marks such a mount with
 :data:`VOLATILE_MARKER` in the work folder and refuses to mount it again while the marker
 is there; pyhcs removes it before each mount (see ``_store.prepare_layer``).
+
+**Id-mapped lowers** (a container in a user namespace): each lower folder is cloned as a
+detached mount seen through the namespace's mappings (:func:`pyhcs._linux.idmapped_clone`)
+and handed to overlayfs as a file descriptor (``fsconfig(FSCONFIG_SET_FD, "lowerdir+")``,
+Linux >= 6.13), so the image's files, stored as owned by 0, read as owned by the host id
+that the namespace's root maps to, and no mount is left behind but the overlay. The upper
+folder is not id-mapped: overlayfs writes there with the mounter's credentials, which an
+id-mapped mount would refuse (host root is not in the mapping); what the container writes
+is stored with its host ids.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import errno
 import os
 from collections.abc import Sequence
 
-from pyhcs._linux import mount
+from pyhcs._linux import idmapped_clone, mount
 
 __all__ = ["MOUNT_DATA_MAX", "VOLATILE_MARKER", "mount_overlay"]
 
@@ -44,6 +53,7 @@ _FSOPEN_CLOEXEC = 1
 _FSMOUNT_CLOEXEC = 1
 _FSCONFIG_SET_FLAG = 0
 _FSCONFIG_SET_STRING = 1
+_FSCONFIG_SET_FD = 5
 _FSCONFIG_CMD_CREATE = 6
 _MOVE_MOUNT_F_EMPTY_PATH = 4
 _AT_FDCWD = -100
@@ -72,13 +82,21 @@ def _set(fd: int, key: str, value: str) -> None:
     )
 
 
-def _mount_new_api(lowers: Sequence[str], upper: str, work: str, target: str,
+def _set_fd(fd: int, key: str, value: int) -> None:
+    _sys(_SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(_FSCONFIG_SET_FD),
+         ctypes.c_char_p(key.encode()), None, ctypes.c_int(value), what=f"fsconfig {key}")
+
+
+def _mount_new_api(lowers: Sequence[str | int], upper: str, work: str, target: str,
                    volatile: bool) -> None:
     fs_fd = _sys(_SYS_FSOPEN, ctypes.c_char_p(b"overlay"), ctypes.c_uint(_FSOPEN_CLOEXEC),
                  what="fsopen overlay")
     try:
         for lower in lowers:
-            _set(fs_fd, "lowerdir+", lower)
+            if isinstance(lower, int):
+                _set_fd(fs_fd, "lowerdir+", lower)
+            else:
+                _set(fs_fd, "lowerdir+", lower)
         _set(fs_fd, "upperdir", upper)
         _set(fs_fd, "workdir", work)
         if volatile:
@@ -118,14 +136,30 @@ def _flags(volatile: bool) -> str:
     return ",volatile" if volatile else ""
 
 
+def _mount_idmapped(lowers: Sequence[str], upper: str, work: str, target: str,
+                    volatile: bool, userns_fd: int) -> None:
+    fds: list[int] = []
+    try:
+        for lower in lowers:
+            fds.append(idmapped_clone(lower, userns_fd))
+        _mount_new_api(fds, upper, work, target, volatile)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def mount_overlay(lowers: Sequence[str], upper: str, work: str, target: str, *,
-                  volatile: bool = False) -> None:
+                  volatile: bool = False, userns_fd: int = -1) -> None:
     """Mount overlayfs at *target*: *lowers* (topmost first), *upper*, *work*; *volatile*
-    where the kernel has it (Linux >= 5.10; older kernels get an ordinary mount).
+    where the kernel has it (Linux >= 5.10; older kernels get an ordinary mount). With
+    *userns_fd* (a user namespace), the lowers are id-mapped through its mappings.
 
     The paths must not contain ``,``, ``:`` or ``\\`` (the caller checks). Raises
-    ``OSError``.
+    ``OSError`` (EINVAL from ``fsconfig lowerdir+`` for id-mapped lowers: Linux < 6.13).
     """
+    if userns_fd >= 0:
+        _mount_idmapped(lowers, upper, work, target, volatile, userns_fd)
+        return
     try:
         _mount(lowers, upper, work, target, volatile)
     except OSError as e:

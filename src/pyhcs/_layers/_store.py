@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from pyhcs._errors import (
     ERR_ALREADY_EXISTS,
@@ -39,9 +39,12 @@ from pyhcs._layers._fsops import (
     rename_noreplace,
 )
 from pyhcs._layers._overlay import VOLATILE_MARKER, mount_overlay
-from pyhcs._linux import umount
+from pyhcs._linux import umount, user_namespace
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
+
+if TYPE_CHECKING:
+    from pyhcs._runtime._spec import UserNamespace
 
 __all__ = [
     "DIFF_DRIVER",
@@ -701,6 +704,7 @@ def prepare_layer(
     parent_layer_paths: Sequence[str],
     *,
     roots: Roots | None = None,
+    userns: UserNamespace | None = None,
 ) -> None:
     """Make the sandbox *layer_id* usable as a file system at its ``rootfs/``.
 
@@ -710,10 +714,20 @@ def prepare_layer(
     prepare copies the whole chain, whiteouts applied, into ``rootfs/``, which then *is* the
     sandbox's content; later prepares keep it. Undo with :func:`unprepare_layer`.
 
+    With *userns* (pyhcs's own; filter flavour), the rootfs is for a container in that
+    user namespace: the parents are seen through id-mapped mounts (a file stored as owned
+    by 0 reads as owned by the host id the namespace's root maps to), and the upper's root
+    is given to the namespace's root. Files the container writes are stored with their
+    host ids, so such a sandbox is prepared again with the same mappings (Linux >= 6.13).
+
     Raises :class:`LayerError`: ``ERR_VMCOMPUTE_OPERATION_INVALID_STATE`` if the layer is
-    not a sandbox, is already prepared, or was created for the other flavour.
+    not a sandbox, is already prepared, or was created for the other flavour;
+    :class:`NotSupportedError` for *userns* with the diff flavour or on an older kernel.
     """
     op = "PrepareLayer"
+    if userns is not None and info.flavour != FILTER_DRIVER:
+        raise NotSupportedError(
+            op, extra_info=layer_id, message="a user namespace needs the filter flavour")
     reg = _registry(roots)
     row = _require(reg, layer_id, op)
     if row["kind"] != _KIND_SANDBOX:
@@ -741,7 +755,7 @@ def prepare_layer(
         if info.flavour == FILTER_DRIVER:
             # sandbox size hook: upper/work live on the sandbox's own file system.
             with _sandbox_size.volume_for_overlay(folder, layer_id, op):
-                _mount_overlay(folder, parents, layer_id, op)
+                _mount_overlay(folder, parents, layer_id, op, userns)
         else:
             _populate_diff(folder, parents, layer_id, op)
         try:
@@ -753,7 +767,8 @@ def prepare_layer(
             raise
 
 
-def _mount_overlay(folder: str, parents: list[str], layer_id: str, op: str) -> None:
+def _mount_overlay(folder: str, parents: list[str], layer_id: str, op: str,
+                   userns: UserNamespace | None = None) -> None:
     lowers = [os.path.join(p, FS_DIR) for p in parents] or [os.path.join(folder, FS_DIR)]
     upper = os.path.join(folder, UPPER_DIR)
     work = os.path.join(folder, WORK_DIR)
@@ -773,11 +788,32 @@ def _mount_overlay(folder: str, parents: list[str], layer_id: str, op: str) -> N
         )
     try:
         _clear_volatile_marker(work)
-        # Chains whose options exceed a page are mounted through the new mount API.
-        # Volatile: no syncs (see _overlay); a sandbox is a container's scratch space.
-        mount_overlay(lowers, upper, work, target, volatile=True)
+        if userns is None:
+            # Chains whose options exceed a page are mounted through the new mount API.
+            # Volatile: no syncs (see _overlay); a sandbox is a container's scratch space.
+            mount_overlay(lowers, upper, work, target, volatile=True)
+            return
+        _mount_overlay_idmapped(lowers, upper, work, target, userns)
     except OSError as e:
+        if userns is not None and e.errno in (errno.EINVAL, errno.ENOSYS):
+            raise NotSupportedError(
+                op, extra_info=layer_id,
+                message=f"cannot mount id-mapped layers ({e.strerror}): a user namespace "
+                "needs Linux >= 6.13 and layers on a file system that can be id-mapped",
+            ) from e
         raise _os_error(layer_id, op, e, "cannot mount the overlay") from e
+
+
+def _mount_overlay_idmapped(lowers: list[str], upper: str, work: str, target: str,
+                            userns: UserNamespace) -> None:
+    owner = userns.host_root()
+    if owner is not None:  # the container's "/" is the upper's root: its root owns it
+        os.chown(upper, *owner)
+    ns = user_namespace(*userns.proc_maps())
+    try:
+        mount_overlay(lowers, upper, work, target, volatile=True, userns_fd=ns)
+    finally:
+        os.close(ns)
 
 
 def _clear_volatile_marker(work: str) -> None:

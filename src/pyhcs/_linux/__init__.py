@@ -19,6 +19,7 @@ __all__ = [
     "capset_drop_to",
     "close_range_from", "PR_SET_PDEATHSIG", "PR_SET_NO_NEW_PRIVS", "PR_SET_DUMPABLE",
     "PR_CAPBSET_DROP", "PR_SET_CHILD_SUBREAPER", "PR_SET_NAME", "CAP_LAST_CAP",
+    "user_namespace", "idmapped_clone",
 ]
 
 CLONE_NEWNS = 0x00020000
@@ -53,6 +54,12 @@ _SYS_PIVOT_ROOT = 155
 _SYS_CAPSET = 126
 _SYS_SETNS = 308
 _SYS_CLOSE_RANGE = 436
+_SYS_OPEN_TREE = 428  # these four: one number on every architecture
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 1
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_MOUNT_ATTR_IDMAP = 0x00100000
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library runs ldconfig
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -163,3 +170,72 @@ def close_range_from(first: int, keep: tuple[int, ...] = ()) -> None:
             os.closerange(start, min(end + 1, 65536))
         if fd is not None:
             start = fd + 1
+
+
+def user_namespace(uid_map: str, gid_map: str) -> int:
+    """A new user namespace with these ``/proc/<pid>/uid_map`` and ``gid_map`` contents,
+    as an fd (``O_CLOEXEC``) that keeps it alive: what :func:`idmapped_clone` needs.
+
+    A child is forked to make it (a namespace needs a process to be born in); it has
+    exited when this returns. Raises ``OSError``.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (r, w, go_r, go_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # only system calls here: the parent may have had threads
+        code = 0
+        try:
+            os.close(r)
+            os.close(go_w)
+            if _libc.unshare(CLONE_NEWUSER) != 0:
+                code = 1
+            else:
+                os.write(w, b"x")
+                os.read(go_r, 1)  # until the parent has the namespace's fd
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(go_r)
+    try:
+        if os.read(r, 1) != b"x":
+            raise OSError(errno.EPERM, "cannot create a user namespace")
+        for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(text)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(r)
+        os.close(go_w)
+        os.waitpid(pid, 0)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def idmapped_clone(path: str, userns_fd: int) -> int:
+    """A detached copy of the mount at *path* (``open_tree(OPEN_TREE_CLONE)``) whose file
+    owners are seen through the mappings of the user namespace *userns_fd*: an id the
+    file system stores as *n* reads as the host id that *n* maps to in that namespace.
+    Returns its fd (``O_CLOEXEC``); the copy goes with the last reference to it.
+
+    Raises ``OSError`` (EINVAL: the file system cannot be id-mapped; ENOSYS: Linux < 5.12).
+    """
+    fd = int(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), _b(path),
+                           ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC)))
+    _check(fd, "open_tree", path)
+    attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    ret = int(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"",
+                            ctypes.c_uint(_AT_EMPTY_PATH), ctypes.byref(attr),
+                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    if ret < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"id-mapping a mount: {os.strerror(err)}", path)
+    return fd

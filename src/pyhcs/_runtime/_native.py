@@ -35,14 +35,17 @@ from .. import _linux as L
 from ._cgroups import BlockDevice, Cgroup, Resources, manager
 from ._cgroups import namespace_mounts as cgroup_namespace_mounts
 from ._seccomp import load_bpf
-from ._spec import CAPABILITY_NUMBERS, MAX_ID, SANDBOX_DEVICE_ANNOTATION
+from ._spec import CAPABILITY_NUMBERS, MAX_ID, SANDBOX_DEVICE_ANNOTATION, UserNamespace
 
 __all__ = ["Sandbox", "SpawnResult", "Stub", "create_sandbox", "destroy_sandbox",
            "discard_stub", "namespace_flags", "prepare_stub", "resolve_user", "secure_join",
            "spawn"]
 
 _NS_FLAGS = {"ipc": L.CLONE_NEWIPC, "uts": L.CLONE_NEWUTS, "net": L.CLONE_NEWNET,
-             "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID}
+             "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID,
+             "user": L.CLONE_NEWUSER}
+# Made by pid 1 itself, after the supervisor's other namespaces (see _init_stub).
+_PID1_NAMESPACES = L.CLONE_NEWCGROUP | L.CLONE_NEWNS | L.CLONE_NEWUSER
 _MAX_SYMLINKS = 255
 _PASSWD_LIMIT = 1 << 20  # bytes of /etc/passwd or /etc/group we are willing to read
 _MAX_ID = MAX_ID  # ids at or past 2**31 are refused, never wrapped
@@ -59,9 +62,11 @@ class Sandbox:
     init_sock: socket.socket | None = None
     #: the cgroup files a single-threaded process writes "0" to, to move itself in
     join_files: list[str] = field(default_factory=list)
-    ns_fds: dict[str, int] = field(default_factory=dict)  # pid 1's mnt and cgroup
+    ns_fds: dict[str, int] = field(default_factory=dict)  # pid 1's mnt, cgroup (user)
     #: the compiled seccomp filter every process installs right before exec (b"": none)
     seccomp_bpf: bytes = b""
+    #: the uid_map and gid_map of pid 1's user namespace (None: the host's)
+    id_maps: tuple[str, str] | None = None
 
     def close(self) -> None:
         """Close the namespace fds and pid 1's socket (a pid 1 that is still waiting for
@@ -375,7 +380,7 @@ def prepare_stub(flags: int) -> Stub:
     container's supervisor: it cannot leave the namespaces again. :func:`discard_stub`
     ends pid 1 if no container comes.
     """
-    L.unshare(flags & ~(L.CLONE_NEWCGROUP | L.CLONE_NEWNS))  # pid: for pid 1 and the rest
+    L.unshare(flags & ~_PID1_NAMESPACES)  # pid: for pid 1 and the rest
     if flags & L.CLONE_NEWNET:
         _bring_up_loopback()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -437,7 +442,9 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
             os.close(mnt)
         discard_stub(stub)
         raise
-    sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf)
+    userns = UserNamespace.from_spec(spec.get("linux", {}))
+    sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf,
+                 id_maps=userns.proc_maps() if userns is not None else None)
     try:
         # what pid 1 needs of the spec (it was forked before there was one), and our mount
         # namespace, which it joins before it makes its own copy to pivot in
@@ -523,6 +530,12 @@ def _init_stub(sock: socket.socket, other: socket.socket) -> None:
         _pivot(spec)
         _mount_proc(spec)
         _mount_cgroups(spec)
+        if flags & L.CLONE_NEWUSER:
+            # Last, once every mount is made with the host's privileges: from here on our
+            # capabilities hold only in the new namespace, over what it maps. The
+            # supervisor writes its maps when we report ready, before it sends the process
+            # (see _spawn_init); _exec then takes the process's ids inside it.
+            L.unshare(L.CLONE_NEWUSER)
         with open("/proc/self/comm", "w") as f:  # what process_list shows until exec
             f.write("pyhcs-init")
         sock.send(b"ready")
@@ -625,7 +638,9 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
         return _spawn_init(sb, process, stdio, console)
     if not sb.ns_fds:
         raise OSError(errno.ESRCH, "the container has stopped")
-    join = (sb.join_files, [(sb.ns_fds[n], _NS_FLAGS[n]) for n in ("cgroup", "mnt")])
+    # the user namespace last: joining it ends our privileges over the host's namespaces
+    join = (sb.join_files, [(sb.ns_fds[n], _NS_FLAGS[n])
+                            for n in ("cgroup", "mnt", "user") if n in sb.ns_fds])
     return _fork_exec(process, stdio, console=console, join=join, seccomp_bpf=sb.seccomp_bpf)
 
 
@@ -643,8 +658,12 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         ready = sock.recv(4096)
         if ready != b"ready":
             raise _error_reply(ready)
+        if sb.id_maps is not None:  # pid 1 has made its user namespace: give it its ids
+            for name, text in zip(("uid_map", "gid_map"), sb.id_maps, strict=True):
+                with open(f"/proc/{sb.init_pid}/{name}", "w") as f:
+                    f.write(text)
         # later processes join these; pid 1 may be gone by the time they come
-        for ns in ("cgroup", "mnt"):
+        for ns in ("cgroup", "mnt", "user") if sb.id_maps is not None else ("cgroup", "mnt"):
             sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
         msg = sock.recv(1 << 16)  # nothing: it exec'd (the socket was close-on-exec)
@@ -747,8 +766,9 @@ def _exec(process: dict[str, Any], seccomp_bpf: bytes) -> None:
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)
-    if uid == 0:
-        L.capset_drop_to(keep)
+    # In a user namespace we came in as an unmapped id, not as its root, so the kernel's
+    # rule that leaving root drops every capability would not apply: drop them here.
+    L.capset_drop_to(keep if uid == 0 else frozenset())
     if nnp and seccomp_bpf:
         # last, so the filter need not allow what the steps above use
         load_bpf(seccomp_bpf)

@@ -403,3 +403,26 @@ class UserNamespace:
     def __post_init__(self) -> None:
         object.__setattr__(self, "uid_map", _mappings("uid_map", self.uid_map))
         object.__setattr__(self, "gid_map", _mappings("gid_map", self.gid_map))
+
+    def proc_maps(self) -> tuple[str, str]:
+        """The contents to write to ``/proc/<pid>/uid_map`` and ``gid_map``."""
+        def text(maps: tuple[IdMapping, ...]) -> str:
+            return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in maps)
+
+        return text(self.uid_map), text(self.gid_map)
+
+    def host_root(self) -> tuple[int, int] | None:
+        """The host uid and gid of the container's root (uid and gid 0), or None if
+        either is not mapped."""
+        uid = next((m.host_id for m in self.uid_map if m.container_id == 0), None)
+        gid = next((m.host_id for m in self.gid_map if m.container_id == 0), None)
+        return None if uid is None or gid is None else (uid, gid)
+
+    @classmethod
+    def from_spec(cls, linux: Mapping[str, Any]) -> UserNamespace | None:
+        """The user namespace of an OCI spec's ``linux`` object, or None if it has none."""
+        if not any(ns.get("type") == "user" for ns in linux.get("namespaces", [])):
+            return None
+        return cls(*(tuple(IdMapping(m["containerID"], m["hostID"], m["size"])
+                           for m in linux.get(key, []))
+                     for key in ("uidMappings", "gidMappings")))

@@ -35,6 +35,18 @@ def test_run_streams_output_and_exit_code(image: str, roots: Roots) -> None:
     assert json.loads(pyhcs("ps", "-a", "--json").stdout) == []  # --rm removed them
 
 
+def test_run_in_a_user_namespace(image: str, roots: Roots) -> None:
+    r = pyhcs("run", "--rm", "--userns", "0:100000:65536", image, "sh", "-c",
+              "cat /proc/self/uid_map; id -u; touch /etc/made && echo wrote")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "100000", "65536", "0", "wrote"]
+    for bad in ("0:100000", "a:b:c", "0:4294967290:65536"):
+        r = pyhcs("run", "--rm", "--userns", bad, image, "true")
+        assert r.returncode != 0
+        assert "--userns" in r.stderr or "user namespace" in r.stderr
+    assert json.loads(pyhcs("ps", "-a", "--json").stdout) == []
+
+
 def test_run_memory_limit(image: str, roots: Roots) -> None:
     r = pyhcs("run", "--rm", "--memory", "16", image, "dd", "if=/dev/zero", "of=/dev/null",
               "bs=64M", "count=1")

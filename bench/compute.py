@@ -17,7 +17,8 @@ Side by side in one run, against crun and runc where they have an equivalent:
       overhead is 0; the container's own process (``sleep``) is shown for both.
 (v)   ``stdout`` - bytes/s read from a container process's stdout pipe (``Process.stdio``):
       ``dd if=/dev/zero bs=1M count=N`` in the container, 1 MiB ``readinto`` here; with the
-      pipe as the container gets it and after F_SETPIPE_SZ to 1 MiB. The same ``dd`` run
+      pipe as the container gets it (1 MiB) and after the reader sets F_SETPIPE_SZ to 1 MiB
+      itself (no change since the supervisor does it). The same ``dd`` run
       on the host through a ``subprocess`` pipe is the ceiling.
 
 The environment is the one of ``lifecycle.py`` (whose helpers it imports): a private

@@ -4,6 +4,7 @@ users, environment and command lines."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -165,6 +166,8 @@ def test_100_mb_of_output_arrives_whole(make_container: Make, as_init: bool) -> 
         create_std_out_pipe=True))
     _, stdout, _ = p.stdio()
     assert stdout is not None
+    # output pipes are made 1 MiB wide (fewer blocked writes), not the kernel's 64 KiB
+    assert fcntl.fcntl(stdout.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
     h = hashlib.sha256()
     n = 0
     while chunk := stdout.read(1 << 20):

@@ -422,6 +422,8 @@ class Supervisor:
                                    ("stderr", req.get("stderr"))):
                     if want:
                         r, w = os.pipe2(os.O_CLOEXEC)
+                        if name != "stdin":
+                            _widen_pipe(r)
                         theirs, mine = (r, w) if name == "stdin" else (w, r)
                         child_fds.append(theirs)
                         ours[name] = mine
@@ -665,6 +667,7 @@ def reap_supervisors() -> None:
 # stays until they have all ended, so that no finished supervisor is left unreaped.
 
 #: the namespaces a spare makes ahead: those of every container pyhcs specifies
+_OUTPUT_PIPE_BYTES = 1 << 20
 _SPARE_FLAGS = namespace_flags({"linux": {"namespaces": [{"type": t} for t in NAMESPACES]}})
 
 
@@ -890,6 +893,15 @@ def _fork_spare(flags: int) -> _Spare:
     theirs.close()
     _children.add(pid)
     return _Spare(pid, ours, flags)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Give an output pipe 1 MiB (the default pipe-max-size) instead of 64 KiB: a writer
+    then blocks 16x less often, which is 20-45% more throughput here (docs/benchmarks.md).
+    The pages are only allocated as data waits in the pipe. Refused (EPERM: an
+    unprivileged user over its pipe quota) it stays as it was."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _OUTPUT_PIPE_BYTES)
 
 
 def _fork_child(main: Callable[..., int], *args: Any,

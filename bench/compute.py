@@ -19,7 +19,7 @@ Side by side in one run, against crun and runc where they have an equivalent:
       ``dd if=/dev/zero bs=1M count=N`` in the container, 1 MiB ``readinto`` here; with the
       pipe as the container gets it (1 MiB) and after the reader sets F_SETPIPE_SZ to 1 MiB
       itself (no change since the supervisor does it). The same ``dd`` run
-      on the host through a ``subprocess`` pipe is the ceiling.
+      on the host through a ``subprocess`` pipe (64 KiB) is the reference.
 
 The environment is the one of ``lifecycle.py`` (whose helpers it imports): a private
 mount namespace with ``/sys/fs/cgroup/unified`` detached (crun refuses the hybrid layout

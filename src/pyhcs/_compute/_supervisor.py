@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
+from .._linux import fork_bare
 from .._paths import Roots
 from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._cgroups import namespace_mounts as cgroup_namespace_mounts
@@ -825,8 +826,9 @@ def _forker_main(sock: socket.socket) -> int:
         flags = int(data)
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # (the child's SIGCHLD goes back to the default in _spare_main's _detach)
-        pid = _fork_child(_spare_main, theirs, flags, close=(sock, ours))
+        # (the child's SIGCHLD goes back to the default in _spare_main's _detach; the
+        # forker is single-threaded, so the spare can skip Python's after-fork work)
+        pid = _fork_child(_spare_main, theirs, flags, close=(sock, ours), bare=True)
         theirs.close()
         try:
             socket.send_fds(sock, [struct.pack("<ii", pid, flags)], [ours.fileno()])
@@ -905,11 +907,13 @@ def _widen_pipe(fd: int) -> None:
 
 
 def _fork_child(main: Callable[..., int], *args: Any,
-                close: tuple[socket.socket, ...] = ()) -> int:
+                close: tuple[socket.socket, ...] = (), bare: bool = False) -> int:
     """Fork a child that closes *close* (the parent's ends of its sockets), runs
     ``main(*args)`` and exits with its code (1 if it raises): no exception may unwind into
-    the parent's stack in the child. Returns the child's pid."""
-    pid = os.fork()
+    the parent's stack in the child. Returns the child's pid. *bare*: this process is
+    single-threaded, so the child can skip Python's after-fork work
+    (:func:`pyhcs._linux.fork_bare`)."""
+    pid = fork_bare() if bare else os.fork()
     if pid == 0:
         code = 1
         try:

@@ -385,7 +385,7 @@ def prepare_stub(flags: int) -> Stub:
         _bring_up_loopback()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid = os.fork()
+        pid = L.fork_bare()  # single-threaded here (above); pid 1 only waits and execs
         if pid == 0:
             _init_stub(theirs, ours)
     except BaseException:
@@ -702,7 +702,7 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
     """Fork a process that joins the container (cgroup, then namespaces) and execs."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = os.fork()
+        pid = L.fork_bare()  # the supervisor is single-threaded; the child only execs
     except BaseException:
         os.close(err_r)
         os.close(err_w)

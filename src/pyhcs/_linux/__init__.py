@@ -179,10 +179,10 @@ def fork_bare() -> int:
     pid in the parent.
 
     :func:`os.fork` re-initialises the interpreter's thread state in the child and runs
-    the ``register_at_fork`` callbacks (threading, random, logging...). That writes to some
-    200-400 pages of the inherited heap, each a copy-on-write fault (about 9 us on this
-    kind of nested VM while the parent lives): half the time of starting a process in a
-    container. Skipping it is only correct in a **single-threaded parent** (no lock can be
+    the ``register_at_fork`` callbacks (threading, random, logging...). That writes to
+    100-230 pages of the inherited heap, each a copy-on-write fault (about 9 us on this
+    kind of nested VM while the parent lives): about a tenth of the time of starting a
+    process in a container. Only correct in a **single-threaded parent** (no lock can be
     held by a thread that does not exist in the child) whose child does not rely on what
     those callbacks reset (its random numbers, thread objects or logging handlers are the
     parent's). The GIL is held across the call (PyDLL), so the child owns it. Raises

@@ -384,6 +384,7 @@ def prepare_stub(flags: int) -> Stub:
     if flags & L.CLONE_NEWNET:
         _bring_up_loopback()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    L.prctl(L.PR_SET_DUMPABLE, 0)  # inherited by pid 1: see _fork_exec
     try:
         pid = L.fork_bare()  # single-threaded here (above); pid 1 only waits and execs
         if pid == 0:
@@ -507,9 +508,7 @@ def _init_stub(sock: socket.socket, other: socket.socket) -> None:
     seccomp_bpf = b""
     try:
         other.close()
-        # Until exec this is the host's Python binary inside the container: non-dumpable,
-        # its /proc/<pid>/exe is closed to container processes (see _fork_exec).
-        L.prctl(L.PR_SET_DUMPABLE, 0)
+        # Non-dumpable from birth (prepare_stub): see _fork_exec.
         L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # the supervisor gone: the container too
         _reset_signals()
         # nothing of the supervisor's (client sockets, pipes) may live on in pid 1
@@ -701,6 +700,12 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
                ) -> SpawnResult:
     """Fork a process that joins the container (cgroup, then namespaces) and execs."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    # Until exec the child is the host's Python binary inside the container's pid
+    # namespace: non-dumpable, its /proc/<pid>/exe is closed to container processes (they
+    # lack CAP_SYS_PTRACE). Set here, it is the child's from its first instant (the flag
+    # is inherited by fork, and costs the child nothing); exec makes the container's
+    # program dumpable again. The supervisor itself needs no core dumps or ptrace access.
+    L.prctl(L.PR_SET_DUMPABLE, 0)
     try:
         pid = L.fork_bare()  # the supervisor is single-threaded; the child only execs
     except BaseException:
@@ -709,10 +714,6 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
         raise
     if pid == 0:
         try:
-            # Until exec this process is the host's Python binary inside the container's pid
-            # namespace: non-dumpable, its /proc/<pid>/exe is closed to container processes
-            # (they lack CAP_SYS_PTRACE). exec makes the container's program dumpable again.
-            L.prctl(L.PR_SET_DUMPABLE, 0)
             _reset_signals()
             join_files, ns_fds = join
             _join_cgroup(join_files)

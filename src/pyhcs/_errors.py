@@ -145,8 +145,9 @@ class HcsError(Exception):
         return text
 
 
-class ContainerError(HcsError):
-    """An error in an operation on a container; ``id`` is the container's id."""
+class IdError(HcsError):
+    """An error about one object named by ``id`` (the first argument); the base of the
+    container, layer and network errors. Not raised itself."""
 
     def __init__(
         self,
@@ -161,7 +162,11 @@ class ContainerError(HcsError):
         super().__init__(operation, code, extra_info, message=message)
 
     def _subject(self) -> str:
-        return f"{self.id}"
+        return self.id
+
+
+class ContainerError(IdError):
+    """An error in an operation on a container; ``id`` is the container's id."""
 
 
 class ProcessError(HcsError):
@@ -185,20 +190,8 @@ class ProcessError(HcsError):
         return f"{self.id} pid {self.pid}"
 
 
-class LayerError(HcsError):
+class LayerError(IdError):
     """An error in a layer-store operation; ``id`` is the layer's id."""
-
-    def __init__(
-        self,
-        id: str,
-        operation: str,
-        code: ErrorCode | None = None,
-        extra_info: str = "",
-        *,
-        message: str | None = None,
-    ) -> None:
-        self.id = id
-        super().__init__(operation, code, extra_info, message=message)
 
     def _subject(self) -> str:
         return f"layer {self.id}" if self.id else ""

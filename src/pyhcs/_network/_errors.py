@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pyhcs._errors import ErrorCode, HcsError, InvalidConfigError, NotSupportedError
+from pyhcs._errors import ErrorCode, IdError, InvalidConfigError, NotSupportedError
 
 __all__ = ["NetworkError", "InvalidNetworkRequestError", "NetworkNotSupportedError"]
 
 
-class NetworkError(HcsError):
+class NetworkError(IdError):
     """An HNS request failed; ``id`` is the network's or endpoint's id (or the path asked).
 
     The message reads as hcsshim's does (``HNS failed with error : <reason>``). ``code``
@@ -25,13 +25,9 @@ class NetworkError(HcsError):
         *,
         message: str | None = None,
     ) -> None:
-        self.id = id
         if message is not None and not message.startswith("HNS failed"):
             message = f"HNS failed with error : {message}"
-        super().__init__(operation, code, extra_info, message=message)
-
-    def _subject(self) -> str:
-        return self.id
+        super().__init__(id, operation, code, extra_info, message=message)
 
 
 class InvalidNetworkRequestError(NetworkError, InvalidConfigError):

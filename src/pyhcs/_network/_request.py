@@ -27,7 +27,7 @@ Anything else raises :class:`InvalidNetworkRequestError` and changes nothing.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -215,17 +215,13 @@ def hns_network_request(method: str, path: str, request: str = "", *,
     ``ERR_ALREADY_EXISTS``...).
     """
     out = _networks(method, _abs("networks", path), request, roots)
-    if isinstance(out, list):
-        raise InvalidNetworkRequestError(path, "HNSNetworkRequest", message="this request "
-                                         "returns a list: use hns_list_network_request")
-    return from_dict(HNSNetwork, out)
+    return _one(HNSNetwork, out, path, "HNSNetworkRequest", "hns_list_network_request")
 
 
 def hns_list_network_request(method: str, path: str, request: str = "", *,
                              roots: Roots | None = None) -> list[HNSNetwork]:
     """hcsshim's ``HNSListNetworkRequest``: ``GET`` of ``""`` lists every network."""
-    out = _networks(method, _abs("networks", path), request, roots)
-    return [from_dict(HNSNetwork, n) for n in (out if isinstance(out, list) else [out])]
+    return _many(HNSNetwork, _networks(method, _abs("networks", path), request, roots))
 
 
 def hns_endpoint_request(method: str, path: str, request: str = "", *,
@@ -236,17 +232,29 @@ def hns_endpoint_request(method: str, path: str, request: str = "", *,
     and DNS fields. Errors as :func:`hns_network_request`.
     """
     out = _endpoints(method, _abs("endpoints", path), request, roots)
-    if isinstance(out, list):
-        raise InvalidNetworkRequestError(path, "HNSEndpointRequest", message="this request "
-                                         "returns a list: use hns_list_endpoint_request")
-    return from_dict(HNSEndpoint, out)
+    return _one(HNSEndpoint, out, path, "HNSEndpointRequest", "hns_list_endpoint_request")
 
 
 def hns_list_endpoint_request(method: str, path: str, request: str = "", *,
                               roots: Roots | None = None) -> list[HNSEndpoint]:
     """hcsshim's ``HNSListEndpointRequest``: ``GET`` of ``""`` lists every endpoint."""
-    out = _endpoints(method, _abs("endpoints", path), request, roots)
-    return [from_dict(HNSEndpoint, e) for e in (out if isinstance(out, list) else [out])]
+    return _many(HNSEndpoint, _endpoints(method, _abs("endpoints", path), request, roots))
+
+
+_D = TypeVar("_D", HNSNetwork, HNSEndpoint)
+
+
+def _one(kind: type[_D], out: Any, path: str, op: str, lister: str) -> _D:
+    """The single document a request answered; a list is refused (the lister gives it)."""
+    if isinstance(out, list):
+        raise InvalidNetworkRequestError(
+            path, op, message=f"this request returns a list: use {lister}")
+    return from_dict(kind, out)
+
+
+def _many(kind: type[_D], out: Any) -> list[_D]:
+    """The documents a request answered, one or a list of them, as a list."""
+    return [from_dict(kind, d) for d in (out if isinstance(out, list) else [out])]
 
 
 def hns_policy_list_request(method: str, path: str, request: str = "", *,

@@ -52,6 +52,7 @@ import os
 import socket
 import sqlite3
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -548,25 +549,48 @@ def delete_network(ref: str, *, roots: Roots | None = None) -> HNSNetwork:
     """
     op = "DeleteNetwork"
     reg = registry(roots)
-    pid, start = _me()
-    with reg.transaction() as c:
-        row = c.execute("SELECT * FROM networks WHERE id=? OR name=?",
-                        (_norm_id(ref), ref)).fetchone()
-        if row is None or row["state"] != "ready":
-            raise _not_found("network", ref, op)
+
+    def no_endpoints(c: sqlite3.Connection, row: sqlite3.Row) -> None:
         (n,) = c.execute("SELECT count(*) FROM endpoints WHERE network_id=?",
                          (row["id"],)).fetchone()
         if n:
             raise NetworkError(row["id"], op, ERR_VMCOMPUTE_OPERATION_INVALID_STATE,
                                message=f"network {row['name']!r} still has {n} endpoint(s)")
-        c.execute("UPDATE networks SET state='deleting', owner_pid=?, owner_start=? WHERE id=?",
-                  (pid, start, row["id"]))
+
+    row = _claim_for_delete(reg, "network", ref, op, check=no_endpoints)
     try:
         _teardown_network(_network_doc(row), roots)
     except OSError as e:
         raise _os_error(row["id"], op, e) from e
     reg.execute("DELETE FROM networks WHERE id=?", (row["id"],))
     return _network_doc(row)
+
+
+# Per kind: its table, and how a reference (an id, or a name) finds its row.
+_DELETE_LOOKUP = {
+    "network": ("networks", "id=? OR name=?"),
+    "endpoint": ("endpoints", "id=? OR (name=? AND name!='')"),
+}
+
+
+def _claim_for_delete(reg: Registry, kind: str, ref: str, op: str,
+                      check: Callable[[sqlite3.Connection, sqlite3.Row], None] | None = None
+                      ) -> sqlite3.Row:
+    """Mark the ready network or endpoint *ref* as being deleted by this process, in one
+    transaction (after *check*, which may refuse), and return its row: no other client
+    can use or delete it meanwhile, and recovery finishes the deletion if we die."""
+    table, match = _DELETE_LOOKUP[kind]
+    pid, start = _me()
+    with reg.transaction() as c:
+        row: sqlite3.Row | None = c.execute(f"SELECT * FROM {table} WHERE {match}",
+                                            (_norm_id(ref), ref)).fetchone()
+        if row is None or row["state"] != "ready":
+            raise _not_found(kind, ref, op)
+        if check is not None:
+            check(c, row)
+        c.execute(f"UPDATE {table} SET state='deleting', owner_pid=?, owner_start=? "
+                  "WHERE id=?", (pid, start, row["id"]))
+    return row
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -910,14 +934,7 @@ def delete_endpoint(ref: str, *, roots: Roots | None = None) -> HNSEndpoint:
     release its address and MAC. Returns it as it was."""
     op = "DeleteEndpoint"
     reg = registry(roots)
-    pid, start = _me()
-    with reg.transaction() as c:
-        row = c.execute("SELECT * FROM endpoints WHERE id=? OR (name=? AND name!='')",
-                        (_norm_id(ref), ref)).fetchone()
-        if row is None or row["state"] != "ready":
-            raise _not_found("endpoint", ref, op)
-        c.execute("UPDATE endpoints SET state='deleting', owner_pid=?, owner_start=? "
-                  "WHERE id=?", (pid, start, row["id"]))
+    row = _claim_for_delete(reg, "endpoint", ref, op)
     try:
         _finish_delete(reg, row)
     except OSError as e:

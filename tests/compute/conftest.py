@@ -14,12 +14,12 @@ def make_container(busybox: list[str], unique_id: str
     """Create (not start) containers on busybox; every one is removed at teardown."""
     made: list[str] = []
 
-    def make(*, user_namespace: pyhcs.UserNamespace | None = None,
+    def make(*, user_namespace: pyhcs.UserNamespace | None = None, runtime: str | None = None,
              **fields: object) -> pyhcs.Container:
         cid = f"{unique_id}-{len(made)}"
         layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in busybox]
         config = pyhcs.ContainerConfig(layers=layers, **fields)  # type: ignore[arg-type]
-        c = pyhcs.create_container(cid, config, user_namespace=user_namespace)
+        c = pyhcs.create_container(cid, config, user_namespace=user_namespace, runtime=runtime)
         made.append(cid)
         return c
 

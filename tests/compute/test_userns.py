@@ -1,6 +1,7 @@
-"""Containers in a user namespace (``create_container(..., user_namespace=...)``), native
-runtime, on the real kernel: the container's root is an unprivileged host id, the image
-reads as root's through id-mapped layers, and that root has no power over the host."""
+"""Containers in a user namespace (``create_container(..., user_namespace=...)``) on the
+real kernel, native and on crun: the container's root is an unprivileged host id,
+the image reads as root's through id-mapped layers, and that root has no power over the
+host."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import pyhcs
+from pyhcs._paths import Roots
 
 from .conftest import run
 
@@ -22,10 +24,15 @@ NS = pyhcs.UserNamespace(uid_map=(pyhcs.IdMapping(0, BASE, 65536),),
                          gid_map=(pyhcs.IdMapping(0, BASE, 65536),))
 
 
-@pytest.fixture
-def started(make_container: Make) -> Iterator[pyhcs.Container]:
+@pytest.fixture(params=["native", "crun"])
+def started(request: pytest.FixtureRequest, make_container: Make,
+            roots: Roots) -> Iterator[pyhcs.Container]:
     """A started container in NS whose pid 1 sleeps, so processes can be run in it."""
-    c = make_container(user_namespace=NS)
+    if request.param != "native":
+        # an OCI runtime sets the mounts up as the namespace's root: the run root must
+        # be searchable by others (the test's private folder is 0700)
+        os.chmod(roots.run_root.parent, 0o711)
+    c = make_container(user_namespace=NS, runtime=request.param)
     c.start()
     init = c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
     yield c
@@ -120,13 +127,24 @@ def test_processes_joining_later_are_in_the_namespace_too(started: pyhcs.Contain
     assert mine != os.readlink("/proc/self/ns/user")
 
 
-def test_user_namespace_needs_native_and_a_sandbox_pyhcs_makes(
-        busybox: list[str], unique_id: str) -> None:
+def test_sysfs_is_the_containers_own_and_read_only(started: pyhcs.Container) -> None:
+    code, out, _ = run(started, "ls /sys/class/net")
+    assert (code, out.split()) == (0, [b"lo"])  # its own network namespace's view
+    assert run(started, "sh -c 'echo 1 > /sys/kernel/profiling'")[0] != 0
+
+
+def test_user_namespace_needs_a_sandbox_pyhcs_makes_and_a_searchable_run_root(
+        busybox: list[str], unique_id: str, roots: Roots) -> None:
     layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in busybox]
-    with pytest.raises(pyhcs.NotSupportedError, match="native runtime"):
+    # the test's private folder is 0700: no OCI runtime could reach the rootfs
+    assert os.stat(roots.run_root.parent).st_mode & 0o777 == 0o700
+    with pytest.raises(pyhcs.NotSupportedError, match="not searchable by others"):
         pyhcs.create_container(unique_id, pyhcs.ContainerConfig(layers=layers),
                                runtime="crun", user_namespace=NS)
-    with pytest.raises(pyhcs.NotSupportedError, match="native runtime"):
+    with pytest.raises(pyhcs.NotSupportedError, match="runc cannot"):
+        pyhcs.create_container(unique_id, pyhcs.ContainerConfig(layers=layers),
+                               runtime="runc", user_namespace=NS)
+    with pytest.raises(pyhcs.NotSupportedError, match="sandbox that pyhcs prepares"):
         pyhcs.create_container(unique_id, pyhcs.ContainerConfig(
             layer_folder_path="/nonexistent/sandbox"), user_namespace=NS)
     with pytest.raises(pyhcs.InvalidConfigError, match="UserNamespace"):

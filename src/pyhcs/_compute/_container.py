@@ -773,9 +773,10 @@ def create_container(container_id: str, config: ContainerConfig, *,
     *user_namespace* (pyhcs's own; hcsshim has no such field) runs every process of the
     container in a new user namespace with those id mappings: its root is an unprivileged
     host id, with capabilities only over what the namespace maps. The image's files read
-    as owned by root inside (id-mapped layers; Linux >= 6.13). Its other namespaces
-    (network, hostname, mounts) stay the host's to manage, so even its root cannot change
-    them. Needs the native runtime and a sandbox pyhcs makes (``config.layers``); otherwise
+    as owned by root inside (id-mapped layers; Linux >= 6.13). On the native runtime its
+    other namespaces (network, hostname, mounts) stay the host's to manage, so even its
+    root cannot change them. Needs a sandbox pyhcs makes (``config.layers``), and on crun
+    a run root that others can search (runc is refused); otherwise
     :class:`NotSupportedError`.
     """
     op = "CreateContainer"
@@ -790,11 +791,11 @@ def create_container(container_id: str, config: ContainerConfig, *,
         from .._runtime import _oci
 
         oci_runtime = _oci.resolve_runtime(choice, op)
-    if user_namespace is not None and (oci_runtime is not None or config.layer_folder_path):
+    if user_namespace is not None and config.layer_folder_path:
         raise NotSupportedError(
             op, extra_info="user_namespace",
-            message="a user namespace needs the native runtime and a sandbox that pyhcs "
-            "prepares itself (config.layers, not layer_folder_path)")
+            message="a user namespace needs a sandbox that pyhcs prepares itself "
+            "(config.layers, not layer_folder_path)")
     roots = roots or Roots.resolve()
     if config.endpoint_list:
         from .. import _network
@@ -803,6 +804,15 @@ def create_container(container_id: str, config: ContainerConfig, *,
             _network.get_endpoint(ep, roots=roots)  # NetworkError (not found) if unknown
     reg = _registry(roots)
     run_dir = roots.container_run_dir(container_id)
+    if user_namespace is not None and oci_runtime is not None:
+        if os.path.basename(oci_runtime) == "runc":
+            # runc exec joins the user namespace before the network namespace, which the
+            # host (the supervisor) owns: refused by the kernel
+            raise NotSupportedError(
+                op, extra_info="user_namespace",
+                message="runc cannot start processes in a user namespace whose network "
+                "namespace the host owns; use the native runtime or crun")
+        _check_searchable(roots.run_root, op)
     doc = to_dict(config)
     if image_config:
         doc["_pyhcs_image"] = image_config
@@ -862,6 +872,18 @@ def create_container(container_id: str, config: ContainerConfig, *,
     reg.execute("UPDATE containers SET state='created', sandbox_layer=?, layer_home=? "
                 "WHERE id=?", (sandbox, home, container_id))
     return Container(container_id, roots)
+
+
+def _check_searchable(path: Path, op: str) -> None:
+    """An OCI runtime sets up a user namespace's mounts as its root, an unprivileged
+    host id: every folder down to the run root must let others search it."""
+    for p in (path, *path.parents):
+        if p.exists() and not os.stat(p).st_mode & 0o001:
+            raise NotSupportedError(
+                op, extra_info="user_namespace",
+                message=f"{p} is not searchable by others (o+x), so an OCI runtime in a "
+                "user namespace cannot reach the container's root; use the native runtime "
+                "or a run root whose folders are")
 
 
 def hot_attach_endpoint(container_id: str, endpoint_id: str, *,

@@ -52,6 +52,12 @@ Differences from the native executor
 * On cgroup v1 the runtime also makes cgroups in hierarchies pyhcs does not use (devices,
   name=systemd, ...). ``delete`` removes the container's; the shared parent stays, like
   pyhcs's own.
+* In a user namespace, the runtime sets up the mounts as the namespace's root, which
+  cannot reach the layer store (0700) and cannot mount sysfs for a network namespace it
+  does not own. So the supervisor binds the rootfs at ``<run dir>/rootfs`` and mounts
+  the container's sysfs (read-only, its own network namespace's view) itself, both in
+  its private mount namespace; the run directory's path must be searchable by others
+  (``create_container`` checks).
 """
 
 from __future__ import annotations
@@ -71,7 +77,14 @@ from typing import Any
 from .. import _linux as L
 from .._errors import InvalidConfigError, NotSupportedError
 from ._cgroups import _parent, manager, remove_everywhere
-from ._native import Sandbox, SpawnResult, _bring_up_loopback, _resources, resolve_user
+from ._native import (
+    Sandbox,
+    SpawnResult,
+    _bring_up_loopback,
+    _resources,
+    resolve_user,
+    secure_join,
+)
 
 __all__ = ["RUNTIME_ANNOTATION", "RUNTIME_ENV", "OciSandbox", "OciSpawnResult",
            "resolve_runtime", "runtime_of", "create_sandbox", "destroy_sandbox", "spawn"]
@@ -169,6 +182,25 @@ def _hide_unified() -> None:
     L.mount("tmpfs", _UNIFIED, "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=755")
 
 
+def _rootfs_for_userns(spec: dict[str, Any], run_dir: Path) -> None:
+    """Give the runtime a rootfs the user namespace's root can reach, with sysfs mounted
+    (see the module's docstring); changes *spec* to match. We are in our own mount
+    namespace: nothing here is seen by the host, and it all goes with us."""
+    rootfs = run_dir / "rootfs"
+    rootfs.mkdir(mode=0o755, exist_ok=True)
+    L.mount(spec["root"]["path"], str(rootfs), None, L.MS_BIND | L.MS_REC, None)
+    spec["root"]["path"] = str(rootfs)
+    sysfs = [m for m in spec.get("mounts", []) if m.get("type") == "sysfs"]
+    for m in sysfs:
+        # resolved inside the rootfs (an image's /sys may be a symlink): never outside it
+        target = secure_join(str(rootfs), m["destination"])
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise OSError(errno.ENOTDIR, f"{m['destination']} is not a directory in the image")
+        L.mount("sysfs", target, "sysfs",
+                L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, None)
+        spec["mounts"].remove(m)
+
+
 def create_sandbox(container_id: str, spec: dict[str, Any], run_dir: Path) -> OciSandbox:
     """Prepare the container for its first process (the caller is its supervisor, which
     this moves into a private mount namespace and a new network namespace)."""
@@ -191,6 +223,8 @@ def create_sandbox(container_id: str, spec: dict[str, Any], run_dir: Path) -> Oc
                                            container_id])
     bundle = run_dir / "oci"
     bundle.mkdir(mode=0o700, exist_ok=True)
+    if any(ns.get("type") == "user" for ns in linux["namespaces"]):
+        _rootfs_for_userns(spec, run_dir)
     cg = manager().create(container_id, _resources(spec))
     sb = OciSandbox(container_id, cg, runtime=runtime, bundle=str(bundle), spec=spec)
     # between bytecodes, even while the supervisor waits in select()

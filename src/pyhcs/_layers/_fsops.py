@@ -79,50 +79,43 @@ def open_dir_beneath(
         first_fresh = len(components) - fresh if create else len(components)
         for i, name in enumerate(components):
             if i >= first_fresh:
+                nfd = _make_child_dir(fd, components, i)
+            else:
                 try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                    made = True
-                except FileExistsError:
-                    made = False  # a symlink too: the O_NOFOLLOW open below refuses it
-                nfd = _open_child_dir(fd, components, i)
-                if made:
-                    try:
-                        os.fchmod(nfd, 0o755)
-                    except BaseException:
-                        os.close(nfd)
+                    nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
                         raise
-                os.close(fd)
-                fd = nfd
-                continue
-            try:
-                nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
+                    nfd = _make_child_dir(fd, components, i)
+                except OSError as e:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise _unsafe(fd, components, i) from None
                     raise
-                made = False
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                    made = True
-                except FileExistsError:
-                    pass  # appeared meanwhile; open it below like any existing directory
-                nfd = _open_child_dir(fd, components, i)
-                if made:
-                    try:
-                        # Explicitly, so the result does not depend on the caller's umask.
-                        os.fchmod(nfd, 0o755)
-                    except BaseException:
-                        os.close(nfd)
-                        raise
-            except OSError as e:
-                if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise _unsafe(fd, components, i) from None
-                raise
             os.close(fd)
             fd = nfd
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _make_child_dir(fd: int, components: Sequence[bytes], i: int) -> int:
+    """Make directory *components[i]* below *fd* (mode 0755, whatever the umask) and open
+    it; one that appeared meanwhile is opened like any existing directory (a symlink there
+    is refused by the open)."""
+    try:
+        os.mkdir(components[i], 0o700, dir_fd=fd)
+        made = True
+    except FileExistsError:
+        made = False
+    nfd = _open_child_dir(fd, components, i)
+    if made:
+        try:
+            os.fchmod(nfd, 0o755)
+        except BaseException:
+            os.close(nfd)
+            raise
+    return nfd
 
 
 def _open_child_dir(fd: int, components: Sequence[bytes], i: int) -> int:

@@ -117,7 +117,7 @@ def in_netns(fd: int) -> Iterator[IPRoute]:
         ipr.close()
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
+def _get_link(ipr: IPRoute, name: str) -> Any | None:
     # one RTM_GETLINK by name: link_lookup dumps every interface, which costs milliseconds
     # on a host with many endpoints
     try:
@@ -126,7 +126,12 @@ def _index(ipr: IPRoute, name: str) -> int | None:
         if e.code in (errno.ENODEV, errno.ENOENT):
             return None
         raise
-    return int(link["index"])
+    return link
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    link = _get_link(ipr, name)
+    return None if link is None else int(link["index"])
 
 
 def index(ipr: IPRoute, name: str) -> int | None:
@@ -292,12 +297,9 @@ class LinkInfo:
 
 def link_info(ipr: IPRoute, name: str) -> LinkInfo | None:
     """The interface *name*'s index, admin state, MAC, MTU, master and kind; None if absent."""
-    try:
-        (link,) = ipr.link("get", ifname=name)
-    except NetlinkError as e:
-        if e.code in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise
+    link = _get_link(ipr, name)
+    if link is None:
+        return None
     info = link.get_attr("IFLA_LINKINFO")
     kind = str(info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
     return LinkInfo(index=int(link["index"]), up=bool(link["flags"] & _IFF_UP),

@@ -56,8 +56,8 @@ from lifecycle import (  # the bench folder is not a package: found through sys.
     BenchError,
     cleanup,
     enter_private_mount_namespace,
-    mount,
     oci_template,
+    overlay_bundle,
     remove_cgroups,
     summary,
     tool_version,
@@ -98,12 +98,7 @@ class Oci:
         """Fresh overlay + config.json + ``run -d`` of ``sleep``; returns the id."""
         self.seq += 1
         cid = f"bench-{self.name}-{os.getpid()}-{self.seq}"
-        bundle = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.tmp))
-        upper, work, merged = bundle / "upper", bundle / "work", bundle / "merged"
-        for d in (upper, work, merged):
-            d.mkdir()
-        mount("overlay", str(merged), "overlay", 0,
-              f"lowerdir={self.lowerdir},upperdir={upper},workdir={work}")
+        bundle, merged = overlay_bundle(self.tmp, self.name, self.lowerdir)
         self.bundles[cid] = bundle
         spec = dict(self.template)
         spec["process"] = {**self.template["process"], "args": SLEEP}

@@ -245,6 +245,18 @@ def run_cli(env: Env) -> float:
     return dt
 
 
+def overlay_bundle(tmp: Path, prefix: str, lowerdir: str) -> tuple[Path, Path]:
+    """A fresh bundle folder in *tmp* with an overlay of *lowerdir* mounted at its
+    ``merged/`` (the peers' rootfs, as pyhcs's sandbox is); returns (bundle, merged)."""
+    bundle = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=tmp))
+    upper, work, merged = bundle / "upper", bundle / "work", bundle / "merged"
+    for d in (upper, work, merged):
+        d.mkdir()
+    mount("overlay", str(merged), "overlay", 0,
+          f"lowerdir={lowerdir},upperdir={upper},workdir={work}")
+    return bundle, merged
+
+
 def make_oci_runner(name: str) -> Callable[[Env], float]:
     def run_oci(env: Env) -> float:
         """(c)/(d): fresh overlay, config.json, ``<runtime> run``, umount, rm."""
@@ -253,12 +265,7 @@ def make_oci_runner(name: str) -> Callable[[Env], float]:
         cid = env.next_id(name)
         spec = dict(env.spec)
         t0 = time.perf_counter()
-        bundle = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=env.tmp))
-        upper, work, merged = bundle / "upper", bundle / "work", bundle / "merged"
-        for d in (upper, work, merged):
-            d.mkdir()
-        mount("overlay", str(merged), "overlay", 0,
-              f"lowerdir={env.lowerdir},upperdir={upper},workdir={work}")
+        bundle, merged = overlay_bundle(env.tmp, name, env.lowerdir)
         try:
             spec["root"] = {"path": str(merged), "readonly": False}
             spec["linux"] = {**env.spec["linux"], "cgroupsPath": f"/{CGROUP_PARENT}/{cid}"}

@@ -70,6 +70,7 @@ from pyhcs._layers._fsops import (
     remove_entry,
     write_all,
 )
+from pyhcs._layers._gnutar import ConfinedTar, TarError, block_sum, header
 from pyhcs._layers._zstd import ZstdError, ZstdReader
 
 __all__ = [
@@ -196,8 +197,8 @@ def _decompressor(buffered: io.BufferedReader[_HashingRaw]) -> io.BufferedIOBase
 
 
 class _Input:
-    """The uncompressed archive stream behind one buffer: headers are parsed from it and file
-    data is written from it without further copies.
+    """The uncompressed archive stream, read in 1 MiB chunks: headers are sliced from the
+    chunk in hand and file data is written from it without further copies.
 
     Every byte read is counted (and, for a compressed archive, hashed for the diff id); past
     *limit* bytes it raises, so a compression bomb stops at the limit.
@@ -208,59 +209,73 @@ class _Input:
         self._limit = limit
         self.count = 0
         self.hash = hashlib.sha256() if hashed else None
-        # take() returns up to a whole metadata record from the buffer.
-        self._buf = bytearray(max(_CHUNK, MAX_HEADER_SIZE))
-        self._view = memoryview(self._buf)
+        # Chunks are immutable bytes: a header is one slice of the chunk (no buffer
+        # management per header), and file data goes out as memoryview slices of it.
+        self._data = b""
         self._pos = 0
-        self._end = 0
 
-    def _read(self, at: int) -> int:
-        """Read into the buffer from *at* to its end; 0 at the end of the stream."""
-        n = self._src.readinto(self._view[at:])
-        if not n:
-            return 0
-        self.count += n
+    def _more(self) -> bool:
+        """Read the next chunk into hand (the rest of the current one is dropped)."""
+        chunk = self._src.read(_CHUNK)
+        self._data, self._pos = chunk, 0
+        if not chunk:
+            return False
+        self.count += len(chunk)
         if self.count > self._limit:
             raise ArchiveError(f"archive expands beyond the {self._limit}-byte limit (max_size)")
         if self.hash is not None:
-            self.hash.update(self._view[at : at + n])
-        return n
+            self.hash.update(chunk)
+        return True
 
     def take(self, n: int) -> bytes:
-        """The next *n* bytes (at most the buffer's size); fewer only at the end."""
-        if self._end - self._pos < n:
-            rest = self._end - self._pos
-            self._buf[:rest] = bytes(self._view[self._pos : self._end])
-            self._pos, self._end = 0, rest
-            while self._end < n:
-                got = self._read(self._end)
-                if not got:
-                    break
-                self._end += got
-        out = bytes(self._view[self._pos : min(self._pos + n, self._end)])
-        self._pos += len(out)
-        return out
+        """The next *n* bytes; fewer only at the end."""
+        pos, data = self._pos, self._data
+        end = pos + n
+        if end <= len(data):
+            self._pos = end
+            return data[pos:end]
+        parts = [data[pos:]]
+        have = len(data) - pos
+        while have < n and self._more():
+            k = min(n - have, len(self._data))
+            parts.append(self._data[:k])
+            self._pos = k
+            have += k
+        return b"".join(parts)
 
     def copy_to(self, fd: int, n: int) -> int:
         """Write the next *n* bytes to *fd* (-1: discard them); returns the bytes there were."""
         left = n
         while left:
-            if self._pos == self._end:
-                self._pos = self._end = 0
-                self._end = self._read(0)
-                if not self._end:
-                    break
-            k = min(left, self._end - self._pos)
+            if self._pos == len(self._data) and not self._more():
+                break
+            k = min(left, len(self._data) - self._pos)
             if fd >= 0:
-                write_all(fd, self._view[self._pos : self._pos + k])
+                write_all(fd, memoryview(self._data)[self._pos : self._pos + k])
+            self._pos += k
+            left -= k
+        return n - left
+
+    def append_to(self, out: bytearray, n: int) -> int:
+        """Append the next *n* bytes to *out*; returns the bytes there were."""
+        pos, data = self._pos, self._data
+        if pos + n <= len(data):  # the usual case: all in hand
+            out += memoryview(data)[pos : pos + n]
+            self._pos = pos + n
+            return n
+        left = n
+        while left:
+            if self._pos == len(self._data) and not self._more():
+                break
+            k = min(left, len(self._data) - self._pos)
+            out += memoryview(self._data)[self._pos : self._pos + k]
             self._pos += k
             left -= k
         return n - left
 
     def drain(self) -> None:
         """Read on to the end of the stream."""
-        self._pos = self._end = 0
-        while self._read(0):
+        while self._more():
             pass
 
 
@@ -394,8 +409,8 @@ class _TarReader:
             raise ArchiveError("archive is truncated inside a header")
         if hdr == _ZERO_BLOCK:
             return None
-        unsigned = 256 + sum(hdr[:148]) + sum(hdr[156:])
         field = hdr[148:156]
+        unsigned = block_sum(hdr) - sum(field) + 256  # the checksum field counts as spaces
         if field == b"%06o\x00 " % unsigned:  # as GNU tar and Python write it
             return hdr
         chk = _nti(field)
@@ -408,8 +423,14 @@ class _TarReader:
             raise ArchiveError(
                 f"tar metadata record of {size} bytes exceeds the {MAX_HEADER_SIZE}-byte limit"
             )
+        padded = size + (-size % _BLOCKSIZE)
+        if padded <= _CHUNK:  # the usual case: record and padding in one take
+            data = self._src.take(padded)
+            if len(data) != padded:
+                raise ArchiveError("archive is truncated inside a metadata record")
+            return data[:size]
         data = self._src.take(size)
-        if len(data) != size or self._src.copy_to(-1, -size % _BLOCKSIZE) != -size % _BLOCKSIZE:
+        if len(data) != size or self._src.copy_to(-1, padded - size) != padded - size:
             raise ArchiveError("archive is truncated inside a metadata record")
         return data
 
@@ -484,7 +505,7 @@ class _TarReader:
                     raise ArchiveError(f"corrupt pax header: invalid {key.decode()} {value!r}")
                 setattr(m, key.decode(), int(value))
             elif key == b"mtime":
-                ns = _decimal_ns(value.decode("ascii", "replace"))
+                ns = _decimal_ns(value)
                 if ns is not None:
                     m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, ns))
             elif key.startswith(_XATTR_PAX_PREFIX):
@@ -530,15 +551,14 @@ def split_bytes(raw: bytes, what: str) -> tuple[bytes, ...]:
     return tuple(parts)
 
 
-def _decimal_ns(text: str) -> int | None:
+def _decimal_ns(text: bytes) -> int | None:
     """Nanoseconds from a pax time record (``[-]seconds[.fraction]``), or None."""
-    neg = text.startswith("-")
-    sec, _, frac = text.removeprefix("-").partition(".")
-    if not (sec.isascii() and sec.isdigit()) or len(sec) > 12:
+    neg = text.startswith(b"-")
+    sec, _, frac = text.removeprefix(b"-").partition(b".")
+    # bytes.isdigit() is ASCII-only: no other digits get through to int().
+    if not sec.isdigit() or len(sec) > 12 or (frac and not frac.isdigit()):
         return None
-    if frac and not (frac.isascii() and frac.isdigit()):
-        return None
-    ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    ns = int(sec) * 1_000_000_000 + int((frac + b"000000000")[:9])
     return -ns if neg else ns
 
 
@@ -763,13 +783,46 @@ def check_entry_name(parts: tuple[bytes, ...], name: str) -> None:
                                "for whiteouts")
 
 
+# Below this size a file's data joins its header in the queue for tar; above, it is
+# written straight from the input buffer.
+_SMALL = 64 << 10
+
+
 class _Extractor:
-    def __init__(self, builder: TreeBuilder, src: _Input, max_size: int) -> None:
-        self.builder = builder
+    """Checks each entry against the tree made so far and has GNU tar write it.
+
+    The tree's shape lives here (every path and whether it is a directory), so every check
+    :class:`TreeBuilder` makes on the disk is made here on that map, before tar sees the
+    entry, in the canonical form of :mod:`pyhcs._layers._gnutar`. Differences from a plain
+    ``tar -x`` are settled here too:
+
+    * an entry that takes the name of an earlier one (other than a directory over a
+      directory) ends the running tar; Python removes the earlier entry (never following
+      it) and a new tar goes on with the rest, so tar never meets an existing name;
+    * implicit parents are sent as directories 0755, 0:0, mtime 0;
+    * tar sets a directory's metadata when it leaves the directory; where the archive comes
+      back into one (or describes it twice, or the root), Python sets the metadata once
+      more at the end, with the opaque markers.
+    """
+
+    def __init__(self, root_fd: int, dest_dir: str, src: _Input, max_size: int) -> None:
+        self.root_fd = root_fd
+        self.dest_dir = dest_dir
         self.src = src
         self.max_size = max_size
         self.size = 0
         self.entries = 0
+        #: Everything in the tree: components -> is it a directory.
+        self.kinds: dict[tuple[bytes, ...], bool] = {}
+        #: Every directory's metadata (_IMPLICIT for those no entry describes), root included.
+        self.dirs: dict[tuple[bytes, ...], Meta] = {(): Meta()}
+        self.opaque: set[tuple[bytes, ...]] = set()
+        #: Directories whose metadata Python sets at the end.
+        self.reapply: set[tuple[bytes, ...]] = {()}
+        #: tar's stack of directories whose metadata it has yet to set (see _enter).
+        self.pending: list[tuple[bytes, ...]] = []
+        self.tar: ConfinedTar | None = None
+        self.builder: TreeBuilder | None = None
 
     def entry(self, m: _Member) -> None:
         self.entries += 1
@@ -784,13 +837,12 @@ class _Extractor:
                     f"archive expands beyond the {self.max_size}-byte limit (max_size)"
                 )
         parts = split_bytes(m.name, "entry name")
-        b = self.builder
         if not parts:
             if typ != b"5":
                 raise ArchiveError(
                     f"entry {_show_bytes(m.name)} names the layer root but is not a directory"
                 )
-            b.mkdir((), self._meta(m))
+            self.dirs[()] = self._meta(m)
             return
         if _WH_PREFIX in m.name:
             if parts[0] in _AUFS_META:
@@ -804,7 +856,8 @@ class _Extractor:
                     )
             base = parts[-1]
             if base == _WH_OPAQUE:
-                b.opaque(parts[:-1])
+                self._ensure_dirs(parts[:-1], parts)
+                self.opaque.add(parts[:-1])
                 self._skip(m)
                 return
             if base.startswith(_WH_META):
@@ -813,21 +866,26 @@ class _Extractor:
                 target = base[len(_WH_PREFIX) :]
                 if target in (b"", b".", b".."):
                     raise ArchiveError(f"entry {_show_bytes(m.name)}: malformed whiteout name")
-                b.whiteout((*parts[:-1], target), m.mtime_ns)
+                self._whiteout((*parts[:-1], target), m.mtime_ns)
                 self._skip(m)
                 return
         if typ in _REG_TYPES:
             self._file(parts, m)
         elif typ == b"5":
-            b.mkdir(parts, self._meta(m))
+            self._mkdir(parts, self._meta(m))
         elif typ == b"2":
-            b.symlink(parts, m.linkname, self._meta(m))
+            self._symlink(parts, m.linkname, self._meta(m))
         elif typ == b"1":
-            b.hardlink(parts, split_bytes(m.linkname, f"hard link target of {_show_bytes(m.name)}"))
+            self._hardlink(
+                parts, split_bytes(m.linkname, f"hard link target of {_show_bytes(m.name)}")
+            )
         elif typ == b"3" and m.devmajor == 0 and m.devminor == 0:
-            b.whiteout(parts, self._meta(m).mtime_ns)
+            self._whiteout(parts, self._meta(m).mtime_ns)
         elif typ == b"6":
-            b.mknod(parts, stat.S_IFIFO, 0, self._meta(m))
+            meta = self._meta(m)
+            self._place(parts, False)
+            self._emit(header(b"/".join(parts), b"6", meta.mode, meta.uid, meta.gid, 0,
+                              meta.mtime_ns))
         else:
             kind = "block" if typ == b"4" else "character"
             raise ArchiveError(
@@ -849,24 +907,160 @@ class _Extractor:
                     f"entry {_show_bytes(m.name)}: archive is truncated inside its data"
                 )
 
+    # -- the tree's shape --------------------------------------------------------------------
+
+    def _tar(self) -> ConfinedTar:
+        if self.tar is None:
+            self.tar = ConfinedTar(self.dest_dir)
+        return self.tar
+
+    def _emit(self, data: bytes) -> ConfinedTar:
+        tar = self._tar()
+        tar.add(data)
+        return tar
+
+    def _enter(self, parts: tuple[bytes, ...]) -> None:
+        """Follow what tar does on each entry it reads: it sets the metadata of the pending
+        directories that are not ancestors of the entry (innermost first). If the entry's
+        parent was set already, its time is about to change: it is set again at the end."""
+        stack, n = self.pending, len(parts)
+        while stack and not (len(stack[-1]) < n and parts[: len(stack[-1])] == stack[-1]):
+            stack.pop()
+        parent = parts[:-1]
+        if parent and not (stack and stack[-1] == parent):
+            self.reapply.add(parent)
+
+    def _ensure_dirs(self, anc: tuple[bytes, ...], parts: tuple[bytes, ...]) -> None:
+        """Make every directory of *anc* exist (implicit ones as 0755, 0:0, mtime 0); an
+        existing non-directory on the way (a symlink, a file) refuses the entry *parts*."""
+        for i in range(1, len(anc) + 1):
+            p = anc[:i]
+            k = self.kinds.get(p)
+            if k is None:
+                self._enter(p)
+                self.kinds[p] = True
+                self.dirs[p] = _IMPLICIT
+                self._emit(header(b"/".join(p), b"5", 0o755, 0, 0, 0, 0))
+                self.pending.append(p)
+            elif not k:
+                raise ArchiveError(
+                    f"entry {_show_parts(parts)}: {_show_parts(p)} is not a directory (a "
+                    "symlink or a file): nothing is written through it"
+                )
+
+    def _place(self, parts: tuple[bytes, ...], is_dir: bool) -> bool:
+        """Make room for a new entry at *parts*: parents made, an earlier entry of that name
+        removed. True (and nothing done) when a directory is already there for a directory."""
+        anc = parts[:-1]
+        if anc and not self.kinds.get(anc):
+            self._ensure_dirs(anc, parts)
+        k = self.kinds.get(parts)
+        if k is not None:
+            if is_dir and k:
+                return True
+            self._replace(parts)
+        self._enter(parts)
+        self.kinds[parts] = is_dir
+        return False
+
+    def _replace(self, parts: tuple[bytes, ...]) -> None:
+        """Remove the earlier entry at *parts*: tar is finished first (it never meets an
+        existing name), the removal never follows a symlink, and a new tar goes on."""
+        if self.tar is not None:
+            self.tar.finish()
+            self.tar = None
+        self.pending.clear()
+        b = self._builder()
+        b.clear(b.cache.get(parts[:-1]), parts)
+        if self.kinds[parts]:
+            n = len(parts)
+            for table in (self.kinds, self.dirs):
+                for k in [k for k in table if k[:n] == parts]:
+                    del table[k]
+            self.opaque = {k for k in self.opaque if k[:n] != parts}
+        else:
+            del self.kinds[parts]
+        self.reapply.add(parts[:-1])
+
+    def _builder(self) -> TreeBuilder:
+        if self.builder is None:
+            self.builder = TreeBuilder(self.root_fd)
+        return self.builder
+
+    # -- entries -----------------------------------------------------------------------------
+
+    def _mkdir(self, parts: tuple[bytes, ...], meta: Meta) -> None:
+        self.dirs[parts] = meta
+        if self._place(parts, True):
+            self.reapply.add(parts)  # described again: the last description wins
+            return
+        self._emit(header(b"/".join(parts), b"5", meta.mode, meta.uid, meta.gid, 0,
+                          meta.mtime_ns, xattrs=meta.xattrs))
+        self.pending.append(parts)
+
     def _file(self, parts: tuple[bytes, ...], m: _Member) -> None:
         meta = self._meta(m)
-        fd = self.builder.create_file(parts)
-        try:
-            if self.src.copy_to(fd, m.size) != m.size or self.src.copy_to(
-                -1, -m.size % _BLOCKSIZE
-            ) != -m.size % _BLOCKSIZE:
-                raise ArchiveError(
-                    f"entry {_show_bytes(m.name)}: archive is truncated inside its data"
-                )
-            if meta.uid or meta.gid or not self.builder.creator_is_root:
-                os.fchown(fd, meta.uid, meta.gid)  # else it is 0:0 already
-            os.fchmod(fd, meta.mode)
-            for k, v in meta.xattrs.items():
-                os.setxattr(fd, k, v)
-            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
-        finally:
-            os.close(fd)
+        self._place(parts, False)
+        tar = self._emit(header(b"/".join(parts), b"0", meta.mode, meta.uid, meta.gid,
+                                m.size, meta.mtime_ns, xattrs=meta.xattrs))
+        n = m.size + (-m.size % _BLOCKSIZE)
+        got = tar.add_from(self.src, n) if n <= _SMALL else tar.copy_from(self.src, n)
+        if got != n:
+            raise ArchiveError(f"entry {_show_bytes(m.name)}: archive is truncated inside its data")
+
+    def _symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:
+        if not target or b"\x00" in target or len(target) >= _PATH_MAX:
+            raise ArchiveError(f"{_show_parts(parts)}: invalid symlink target")
+        self._place(parts, False)
+        # Stored verbatim, never followed: an absolute target is resolved only inside the
+        # container's root.
+        self._emit(header(b"/".join(parts), b"2", 0o777, meta.uid, meta.gid, 0, meta.mtime_ns,
+                          link=target))
+
+    def _hardlink(self, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
+        """Link *parts* to the existing non-directory *target* of this tree."""
+        shown = _show_parts(parts)
+        if not target:
+            raise ArchiveError(f"{shown}: hard link to the layer root")
+        if target == parts:
+            raise ArchiveError(f"{shown}: hard link to itself")
+        missing = f"{shown}: hard link target {_show_parts(target)} is not in this layer"
+        k = self.kinds.get(target)
+        if k is None:
+            raise ArchiveError(missing)
+        if k:
+            raise ArchiveError(f"{shown}: hard link to a directory")
+        self._place(parts, False)
+        if target not in self.kinds:  # it was below what this entry replaced
+            raise ArchiveError(missing)
+        # A link to a symlink links the symlink itself (tar's link(2) does not follow).
+        self._emit(header(b"/".join(parts), b"1", 0o644, 0, 0, 0, 0, link=b"/".join(target)))
+
+    def _whiteout(self, parts: tuple[bytes, ...], mtime_ns: int = 0) -> None:
+        """An overlay whiteout (char 0:0, mode 0, owner 0:0) at *parts*."""
+        self._place(parts, False)
+        self._emit(header(b"/".join(parts), b"3", 0, 0, 0, 0, mtime_ns))
+
+    def finish(self) -> None:
+        """Let tar finish, then mark the opaque directories and set the metadata of the
+        directories changed after tar set it (the root always)."""
+        if self.tar is not None:
+            self.tar.finish()
+            self.tar = None
+        b = self._builder()
+        for parts in sorted(self.opaque):
+            os.setxattr(b.cache.get(parts), OPAQUE_XATTR, b"y")
+        b.dirs = {p: self.dirs[p] for p in self.reapply if p in self.dirs}
+        b.finish()
+
+    def close(self) -> None:
+        """Kill a tar still running (after a failure) and release the directory fds."""
+        if self.tar is not None:
+            self.tar.abort()
+            self.tar = None
+        if self.builder is not None:
+            self.builder.close()
+            self.builder = None
 
 
 def extract_tar(
@@ -882,7 +1076,7 @@ def extract_tar(
     if max_size < 0:
         raise ValueError("max_size must not be negative")
     root_fd = os.open(dest_dir, DIR_FLAGS)
-    builder = TreeBuilder(root_fd)
+    ex: _Extractor | None = None
     try:
         raw = _HashingRaw(source)
         buffered = io.BufferedReader(raw, _CHUNK)
@@ -890,7 +1084,7 @@ def extract_tar(
             stream = _decompressor(buffered)
             src = _Input(stream, max_size, hashed=stream is not buffered)
             reader = _TarReader(src)
-            ex = _Extractor(builder, src, max_size)
+            ex = _Extractor(root_fd, dest_dir, src, max_size)
             while True:
                 m = reader.next()
                 if m is None:
@@ -899,11 +1093,7 @@ def extract_tar(
                     ex.entry(m)
                 except UnsafePathError as e:
                     raise ArchiveError(f"entry {_show_bytes(m.name)}: {e}") from None
-                except OSError as e:
-                    if e.errno == errno.ENAMETOOLONG:
-                        raise ArchiveError(f"entry {_show_bytes(m.name)}: name too long") from None
-                    raise
-            builder.finish()
+            ex.finish()
             # Read on to the end: it makes gzip/zstd/xz/bzip2 verify their checksums, and
             # the digests must cover the whole archive, trailing padding included.
             src.drain()
@@ -911,6 +1101,10 @@ def extract_tar(
                 while buffered.read(_CHUNK):
                     pass
         except ArchiveError:
+            raise
+        except TarError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise ArchiveError(str(e)) from None
             raise
         except gzip.BadGzipFile as e:
             raise ArchiveError(f"corrupt gzip stream: {e}") from e
@@ -922,5 +1116,6 @@ def extract_tar(
         diff_id = src.hash.hexdigest() if src.hash is not None else digest
         return ExtractResult(digest, ex.size, ex.entries, diff_id)
     finally:
-        builder.close()
+        if ex is not None:
+            ex.close()
         os.close(root_fd)

@@ -19,7 +19,8 @@ __all__ = [
     "capset_drop_to",
     "close_range_from", "PR_SET_PDEATHSIG", "PR_SET_NO_NEW_PRIVS", "PR_SET_DUMPABLE",
     "PR_CAPBSET_DROP", "PR_SET_CHILD_SUBREAPER", "PR_SET_NAME", "CAP_LAST_CAP",
-    "user_namespace", "idmapped_clone", "fork_bare",
+    "user_namespace", "idmapped_clone", "fork_bare", "mount_setattr",
+    "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV",
 ]
 
 CLONE_NEWNS = 0x00020000
@@ -60,6 +61,10 @@ _OPEN_TREE_CLONE = 1
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 _MOUNT_ATTR_IDMAP = 0x00100000
+_AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library runs ldconfig
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -262,3 +267,16 @@ def idmapped_clone(path: str, userns_fd: int) -> int:
         os.close(fd)
         raise OSError(err, f"id-mapping a mount: {os.strerror(err)}", path)
     return fd
+
+
+def mount_setattr(path: str, *, attr_set: int = 0, attr_clr: int = 0,
+                  recursive: bool = False) -> None:
+    """mount_setattr(2): set and clear ``MOUNT_ATTR_*`` flags of the mount at *path* (and,
+    with *recursive*, of every mount below it) in one call, as ``mount -o remount,bind``
+    cannot do for a whole tree. Raises ``OSError``."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    flags = _AT_RECURSIVE if recursive else 0
+    ret = int(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(_AT_FDCWD), _b(path),
+                            ctypes.c_uint(flags), ctypes.byref(attr),
+                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    _check(ret, "mount_setattr", path)

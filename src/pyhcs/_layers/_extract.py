@@ -256,22 +256,23 @@ class _Input:
             left -= k
         return n - left
 
-    def append_to(self, out: bytearray, n: int) -> int:
-        """Append the next *n* bytes to *out*; returns the bytes there were."""
+    def read_into(self, out: memoryview) -> int:
+        """Fill *out* with the next bytes; returns how many there were."""
+        n = len(out)
         pos, data = self._pos, self._data
         if pos + n <= len(data):  # the usual case: all in hand
-            out += memoryview(data)[pos : pos + n]
+            out[:] = memoryview(data)[pos : pos + n]
             self._pos = pos + n
             return n
-        left = n
-        while left:
+        done = 0
+        while done < n:
             if self._pos == len(self._data) and not self._more():
                 break
-            k = min(left, len(self._data) - self._pos)
-            out += memoryview(self._data)[self._pos : self._pos + k]
+            k = min(n - done, len(self._data) - self._pos)
+            out[done : done + k] = memoryview(self._data)[self._pos : self._pos + k]
             self._pos += k
-            left -= k
-        return n - left
+            done += k
+        return done
 
     def drain(self) -> None:
         """Read on to the end of the stream."""

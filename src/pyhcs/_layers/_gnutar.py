@@ -63,8 +63,16 @@ _F_SETPIPE_SZ = 1031
 _FLUSH_AT = 1 << 20
 
 
-def _octal(n: int, width: int) -> bytes:
-    return b"%0*o\x00" % (width - 1, n)
+_OCTAL_8: dict[int, bytes] = {}  # modes and owners repeat: each encoded once
+
+
+def _octal_8(n: int) -> bytes:
+    field = _OCTAL_8.get(n)
+    if field is None:
+        field = b"%07o\x00" % n
+        if len(_OCTAL_8) < 4096:
+            _OCTAL_8[n] = field
+    return field
 
 
 def block_sum(block: bytes | bytearray) -> int:
@@ -79,8 +87,8 @@ def block_sum(block: bytes | bytearray) -> int:
 def _ustar(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            link: bytes) -> bytearray:
     h = bytearray(_HEADER.pack(
-        name, _octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12),
-        _octal(mtime, 12), b" " * 8, typ, link, _MAGIC, b"", b"", b"0000000\x00",
+        name, _octal_8(mode), _octal_8(uid), _octal_8(gid), b"%011o\x00" % size,
+        b"%011o\x00" % mtime, b"        ", typ, link, _MAGIC, b"", b"", b"0000000\x00",
         b"0000000\x00", b"",
     ))
     h[148:156] = b"%06o\x00 " % block_sum(h)
@@ -89,9 +97,8 @@ def _ustar(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mt
 
 def _record(typ: bytes, data: bytes) -> bytes:
     """A metadata record (GNU long name ``L``/``K`` or pax ``x``) with its padding."""
-    return bytes(_ustar(b"././@LongLink", typ, 0o644, 0, 0, len(data), 0, b"")) + data + bytes(
-        -len(data) % _BLOCK
-    )
+    return b"".join((_ustar(b"././@LongLink", typ, 0o644, 0, 0, len(data), 0, b""), data,
+                     bytes(-len(data) % _BLOCK)))
 
 
 def _pax(key: bytes, value: bytes) -> bytes:
@@ -136,7 +143,7 @@ def header(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mt
             pax += _pax(b"SCHILY.xattr." + k, v)
     if pax:
         out += _record(b"x", pax)
-    return out + bytes(_ustar(name, typ, mode, uid, gid, min(size, _MAX_OCTAL_11), sec, link))
+    return out + _ustar(name, typ, mode, uid, gid, min(size, _MAX_OCTAL_11), sec, link)
 
 
 _STRERROR = {os.strerror(n): n for n in sorted(errno.errorcode, reverse=True)}
@@ -147,24 +154,27 @@ class TarError(OSError):
 
 
 class _Source(Protocol):
-    def append_to(self, out: bytearray, n: int) -> int: ...
+    def read_into(self, out: memoryview) -> int: ...
     def copy_to(self, fd: int, n: int) -> int: ...
 
 
 class ConfinedTar:
     """One ``tar -x`` into *dest_dir*, confined (see the module's text), fed by the caller.
 
-    :meth:`add` queues header bytes (and small file data); :meth:`copy` hands the file
-    descriptor over for large data; :meth:`finish` ends the archive and waits, raising
-    ``OSError`` (with tar's errno when its message names one) if tar failed; :meth:`abort`
-    kills it. Nothing of the parent but the pipe reaches tar.
+    :meth:`add` and :meth:`add_from` queue header bytes and small file data;
+    :meth:`copy_from` has large data written straight to tar; :meth:`finish` ends the
+    archive and waits, raising :class:`TarError` (with the errno tar's message names) if
+    tar failed; :meth:`abort` kills it. Nothing of the parent but the pipe reaches tar.
     """
 
     def __init__(self, dest_dir: str) -> None:
         tar = shutil.which("tar", path="/usr/bin:/bin")
         if tar is None:
             raise OSError(errno.ENOENT, "GNU tar (/usr/bin/tar) is needed to import layers")
-        self._buf = bytearray()
+        # One buffer for the life of the process: growing and freeing one per megabyte
+        # costs an mremap and fresh page faults each time.
+        self._view = memoryview(bytearray(_FLUSH_AT))
+        self._n = 0
         r, w = os.pipe2(os.O_CLOEXEC)
         err = os.memfd_create("pyhcs-tar-stderr", os.MFD_CLOEXEC)
         with contextlib.suppress(OSError):
@@ -206,17 +216,23 @@ class ConfinedTar:
         assert self._w is not None
         return self._w
 
-    def add(self, data: bytes | bytearray | memoryview) -> None:
+    def add(self, data: bytes | bytearray) -> None:
         """Queue *data*; written once 1 MiB is queued (or by :meth:`flush`)."""
-        self._buf += data
-        if len(self._buf) >= _FLUSH_AT:
+        k = len(data)
+        if self._n + k > _FLUSH_AT:
             self.flush()
+            if k > _FLUSH_AT:
+                self._write_all(memoryview(data))
+                return
+        self._view[self._n : self._n + k] = data
+        self._n += k
 
     def add_from(self, src: _Source, n: int) -> int:
-        """Queue the next *n* bytes of *src*; returns how many there were."""
-        got = src.append_to(self._buf, n)
-        if len(self._buf) >= _FLUSH_AT:
+        """Queue the next *n* bytes (at most 1 MiB) of *src*; returns how many there were."""
+        if self._n + n > _FLUSH_AT:
             self.flush()
+        got = src.read_into(self._view[self._n : self._n + n])
+        self._n += got
         return got
 
     def copy_from(self, src: _Source, n: int) -> int:
@@ -229,14 +245,13 @@ class ConfinedTar:
 
     def flush(self) -> None:
         """Write what is queued."""
-        if self._buf:
-            view = memoryview(self._buf)
-            try:
-                while view:
-                    view = view[self._write(view):]
-            finally:
-                view.release()
-            self._buf.clear()
+        if self._n:
+            self._write_all(self._view[: self._n])
+            self._n = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[self._write(view) :]
 
     def _write(self, data: memoryview) -> int:
         try:

@@ -13,8 +13,9 @@ fi
 # busybox-static: the offline base image. crun, runc: the peers in bench/ (and alternative
 # executors). nftables: NAT, port mappings and ACLs of the network service. libseccomp2:
 # the default seccomp filter. e2fsprogs: mkfs.ext4 for sized sandboxes. python3-venv: the
-# virtual environment on a stock Debian python3.
-packages=(busybox-static crun runc nftables libseccomp2 e2fsprogs)
+# virtual environment on a stock Debian python3. tar (essential, so always there): GNU tar
+# writes imported layers.
+packages=(busybox-static crun runc nftables libseccomp2 e2fsprogs tar)
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)
 missing=()

@@ -1,9 +1,12 @@
 """A streaming, hostile-archive-proof extractor for OCI layer tars.
 
 The archive is read once, front to back (a strict tar reader of our own, over our own
-decompressor: see :class:`_TarReader`), and every entry is written by :class:`TreeBuilder`
-through directory file descriptors opened with ``O_NOFOLLOW``, so nothing the archive says
-can make a write land outside the destination:
+decompressor: see :class:`_TarReader`). Every entry is checked against a map of the tree
+made so far, then written by a confined GNU tar from a canonical re-encoding (see
+:mod:`pyhcs._layers._gnutar`); the few writes Python makes itself (removing an entry a
+later one replaces, opaque markers, directory metadata) go through :class:`TreeBuilder`'s
+directory file descriptors opened with ``O_NOFOLLOW``. Nothing the archive says can make
+a write land outside the destination:
 
 * names that are absolute, contain ``..``, reach PATH_MAX (4096 bytes) or exceed NAME_MAX,
   or hold a NUL are rejected;

@@ -685,8 +685,7 @@ class TreeBuilder:
         return os.open(parts[-1], _CREATE_FLAGS, 0o600, dir_fd=pfd)
 
     def symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:
-        if not target or b"\x00" in target or len(target) >= _PATH_MAX:
-            raise ArchiveError(f"{_show_parts(parts)}: invalid symlink target")
+        _check_symlink_target(parts, target)
         pfd = self.parent(parts)
         # Stored verbatim, never followed: an absolute target is resolved only inside the
         # container's root.
@@ -700,12 +699,7 @@ class TreeBuilder:
 
     def hardlink(self, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
         """Link *parts* to the existing non-directory *target* of this tree."""
-        shown = _show_parts(parts)
-        if not target:
-            raise ArchiveError(f"{shown}: hard link to the layer root")
-        if target == parts:
-            raise ArchiveError(f"{shown}: hard link to itself")
-        missing = f"{shown}: hard link target {_show_parts(target)} is not in this layer"
+        shown, missing = _check_link(parts, target)
         try:
             tfd = self.cache.get(target[:-1])
         except FileNotFoundError:
@@ -777,6 +771,23 @@ _IMPLICIT = Meta()
 
 def _show_parts(parts: tuple[bytes, ...]) -> str:
     return _show(os.fsdecode(b"/".join(parts)) or ".")
+
+
+def _check_symlink_target(parts: tuple[bytes, ...], target: bytes) -> None:
+    """Refuse an empty symlink target, one with a NUL, or one of PATH_MAX bytes or more."""
+    if not target or b"\x00" in target or len(target) >= _PATH_MAX:
+        raise ArchiveError(f"{_show_parts(parts)}: invalid symlink target")
+
+
+def _check_link(parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> tuple[str, str]:
+    """Refuse a hard link to the layer root or to itself; returns the entry as shown in
+    messages and the message for a target that is not in the layer."""
+    shown = _show_parts(parts)
+    if not target:
+        raise ArchiveError(f"{shown}: hard link to the layer root")
+    if target == parts:
+        raise ArchiveError(f"{shown}: hard link to itself")
+    return shown, f"{shown}: hard link target {_show_parts(target)} is not in this layer"
 
 
 def check_entry_name(parts: tuple[bytes, ...], name: str) -> None:
@@ -1013,8 +1024,7 @@ class _Extractor:
             raise ArchiveError(f"entry {_show_bytes(m.name)}: archive is truncated inside its data")
 
     def _symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:
-        if not target or b"\x00" in target or len(target) >= _PATH_MAX:
-            raise ArchiveError(f"{_show_parts(parts)}: invalid symlink target")
+        _check_symlink_target(parts, target)
         self._place(parts, False)
         # Stored verbatim, never followed: an absolute target is resolved only inside the
         # container's root.
@@ -1023,12 +1033,7 @@ class _Extractor:
 
     def _hardlink(self, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
         """Link *parts* to the existing non-directory *target* of this tree."""
-        shown = _show_parts(parts)
-        if not target:
-            raise ArchiveError(f"{shown}: hard link to the layer root")
-        if target == parts:
-            raise ArchiveError(f"{shown}: hard link to itself")
-        missing = f"{shown}: hard link target {_show_parts(target)} is not in this layer"
+        shown, missing = _check_link(parts, target)
         k = self.kinds.get(target)
         if k is None:
             raise ArchiveError(missing)

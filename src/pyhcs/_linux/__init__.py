@@ -258,10 +258,7 @@ def idmapped_clone(path: str, userns_fd: int) -> int:
     fd = int(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), _b(path),
                            ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC)))
     _check(fd, "open_tree", path)
-    attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-    ret = int(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"",
-                            ctypes.c_uint(_AT_EMPTY_PATH), ctypes.byref(attr),
-                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    ret = _mount_setattr(fd, b"", _AT_EMPTY_PATH, _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd))
     if ret < 0:
         err = ctypes.get_errno()
         os.close(fd)
@@ -274,9 +271,12 @@ def mount_setattr(path: str, *, attr_set: int = 0, attr_clr: int = 0,
     """mount_setattr(2): set and clear ``MOUNT_ATTR_*`` flags of the mount at *path* (and,
     with *recursive*, of every mount below it) in one call, as ``mount -o remount,bind``
     cannot do for a whole tree. Raises ``OSError``."""
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    flags = _AT_RECURSIVE if recursive else 0
-    ret = int(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(_AT_FDCWD), _b(path),
-                            ctypes.c_uint(flags), ctypes.byref(attr),
-                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    ret = _mount_setattr(_AT_FDCWD, _b(path), _AT_RECURSIVE if recursive else 0,
+                         _MountAttr(attr_set, attr_clr, 0, 0))
     _check(ret, "mount_setattr", path)
+
+
+def _mount_setattr(dirfd: int, path: bytes | None, flags: int, attr: _MountAttr) -> int:
+    """The raw mount_setattr(2) call; returns its result (errno left in ctypes)."""
+    return int(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(dirfd), path, ctypes.c_uint(flags),
+                             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))))

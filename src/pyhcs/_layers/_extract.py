@@ -71,7 +71,6 @@ from pyhcs._layers._fsops import (
     lstat_at,
     open_dir_beneath,
     remove_entry,
-    write_all,
 )
 from pyhcs._layers._gnutar import ConfinedTar, TarError, block_sum, header
 from pyhcs._layers._zstd import ZstdError, ZstdReader
@@ -201,7 +200,7 @@ def _decompressor(buffered: io.BufferedReader[_HashingRaw]) -> io.BufferedIOBase
 
 class _Input:
     """The uncompressed archive stream, read in 1 MiB chunks: headers are sliced from the
-    chunk in hand and file data is written from it without further copies.
+    chunk in hand and file data goes to tar as views of it, without further copies.
 
     Every byte read is counted (and, for a compressed archive, hashed for the diff id); past
     *limit* bytes it raises, so a compression bomb stops at the limit.
@@ -215,12 +214,13 @@ class _Input:
         # Chunks are immutable bytes: a header is one slice of the chunk (no buffer
         # management per header), and file data goes out as memoryview slices of it.
         self._data = b""
+        self._view = memoryview(self._data)
         self._pos = 0
 
     def _more(self) -> bool:
         """Read the next chunk into hand (the rest of the current one is dropped)."""
         chunk = self._src.read(_CHUNK)
-        self._data, self._pos = chunk, 0
+        self._data, self._view, self._pos = chunk, memoryview(chunk), 0
         if not chunk:
             return False
         self.count += len(chunk)
@@ -246,36 +246,28 @@ class _Input:
             have += k
         return b"".join(parts)
 
-    def copy_to(self, fd: int, n: int) -> int:
-        """Write the next *n* bytes to *fd* (-1: discard them); returns the bytes there were."""
+    def skip(self, n: int) -> int:
+        """Pass over the next *n* bytes; returns how many there were."""
         left = n
         while left:
             if self._pos == len(self._data) and not self._more():
                 break
             k = min(left, len(self._data) - self._pos)
-            if fd >= 0:
-                write_all(fd, memoryview(self._data)[self._pos : self._pos + k])
             self._pos += k
             left -= k
         return n - left
 
-    def read_into(self, out: memoryview) -> int:
-        """Fill *out* with the next bytes; returns how many there were."""
-        n = len(out)
-        pos, data = self._pos, self._data
-        if pos + n <= len(data):  # the usual case: all in hand
-            out[:] = memoryview(data)[pos : pos + n]
-            self._pos = pos + n
-            return n
-        done = 0
-        while done < n:
-            if self._pos == len(self._data) and not self._more():
-                break
-            k = min(n - done, len(self._data) - self._pos)
-            out[done : done + k] = memoryview(self._data)[self._pos : self._pos + k]
-            self._pos += k
-            done += k
-        return done
+    def view(self, n: int) -> memoryview:
+        """The next bytes, at most *n*, as a view of the chunk in hand (no copy); empty at
+        the end. Chunks are immutable, so the view stays valid after the next read."""
+        pos = self._pos
+        if pos == len(self._data):
+            if not self._more():
+                return memoryview(b"")
+            pos = 0
+        k = min(n, len(self._data) - pos)
+        self._pos = pos + k
+        return self._view[pos : pos + k]
 
     def drain(self) -> None:
         """Read on to the end of the stream."""
@@ -324,17 +316,19 @@ def _nti(field: bytes) -> int:
     raise ArchiveError("corrupt tar header: invalid number field")
 
 
-# Owners and modes repeat from entry to entry: parsed once each (a bounded cache).
-_SMALL_NUMBERS: dict[bytes, int] = {}
+# Modes and owners repeat from entry to entry: the 24 bytes of the three fields are parsed
+# once for each combination met (a bounded cache).
+_OWNERS: dict[bytes, tuple[int, int, int]] = {}
 
 
-def _nti_small(field: bytes) -> int:
-    n = _SMALL_NUMBERS.get(field)
-    if n is None:
-        n = _nti(field)
-        if len(_SMALL_NUMBERS) < 4096:
-            _SMALL_NUMBERS[field] = n
-    return n
+def _mode_owner(fields: bytes) -> tuple[int, int, int]:
+    """Permission bits, uid and gid from a header's mode, uid and gid fields."""
+    got = _OWNERS.get(fields)
+    if got is None:
+        got = (_nti(fields[:8]) & 0o7777, _nti(fields[8:16]), _nti(fields[16:]))
+        if len(_OWNERS) < 4096:
+            _OWNERS[fields] = got
+    return got
 
 
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
@@ -376,15 +370,16 @@ class _Member:
         "xattrs",
     )
 
-    def __init__(self) -> None:
-        self.name = b""
-        self.type = b"0"
-        self.size = 0
-        self.mode = 0
-        self.uid = 0
-        self.gid = 0
-        self.mtime_ns = 0
-        self.linkname = b""
+    def __init__(self, name: bytes, typ: bytes, size: int, mode: int, uid: int, gid: int,
+                 mtime_ns: int, linkname: bytes) -> None:
+        self.name = name
+        self.type = typ
+        self.size = size
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.linkname = linkname
         self.devmajor = 0
         self.devminor = 0
         self.xattrs: dict[bytes, bytes] = {}
@@ -405,22 +400,21 @@ class _TarReader:
         self._src = src
         self._global: dict[bytes, bytes] = {}
 
-    def _header(self) -> bytes | None:
-        hdr = self._src.take(_BLOCKSIZE)
+    @staticmethod
+    def _odd_header(hdr: bytes) -> bool:
+        """A header whose checksum field is not as GNU tar and Python write it: False for
+        the end-of-archive marker, True if the checksum holds, else ArchiveError."""
         if len(hdr) == 0:
             raise ArchiveError("archive is truncated: it ends without an end-of-archive marker")
         if len(hdr) != _BLOCKSIZE:
             raise ArchiveError("archive is truncated inside a header")
         if hdr == _ZERO_BLOCK:
-            return None
+            return False
         field = hdr[148:156]
-        unsigned = block_sum(hdr) - sum(field) + 256  # the checksum field counts as spaces
-        if field == b"%06o\x00 " % unsigned:  # as GNU tar and Python write it
-            return hdr
         chk = _nti(field)
-        if chk != unsigned and chk != 256 + sum(_CHECKSUM.unpack(hdr)):
+        if chk != block_sum(hdr) - sum(field) + 256 and chk != 256 + sum(_CHECKSUM.unpack(hdr)):
             raise ArchiveError("corrupt tar header: bad checksum")
-        return hdr
+        return True
 
     def _record(self, size: int) -> bytes:
         if not 0 <= size <= MAX_HEADER_SIZE:
@@ -434,17 +428,22 @@ class _TarReader:
                 raise ArchiveError("archive is truncated inside a metadata record")
             return data[:size]
         data = self._src.take(size)
-        if len(data) != size or self._src.copy_to(-1, padded - size) != padded - size:
+        if len(data) != size or self._src.skip(padded - size) != padded - size:
             raise ArchiveError("archive is truncated inside a metadata record")
         return data
 
     def next(self) -> _Member | None:
         """The next entry, or None after the end-of-archive marker."""
+        take = self._src.take
         longname = longlink = None
         pax: dict[bytes, bytes] | None = None
         while True:
-            hdr = self._header()
-            if hdr is None:
+            hdr = take(_BLOCKSIZE)
+            field = hdr[148:156]
+            # the checksum (the field counts as spaces), in the form GNU tar and Python
+            # write it; anything else (the end marker too) takes the slow path
+            if (field != b"%06o\x00 " % (block_sum(hdr) - sum(field) + 256)
+                    or len(hdr) != _BLOCKSIZE) and not self._odd_header(hdr):
                 if longname is not None or longlink is not None or pax is not None:
                     raise ArchiveError("archive ends right after a metadata record")
                 return None
@@ -459,40 +458,35 @@ class _TarReader:
             elif typ == _GLOBAL_TYPE:
                 self._global.update(_parse_pax(data))
             else:
-                pax = pax or {}
-                pax.update(_parse_pax(data))
+                pax = _parse_pax(data) if pax is None else {**pax, **_parse_pax(data)}
         if self._global:
             pax = {**self._global, **(pax or {})}
-        m = _Member()
-        m.type = typ
-        name = _nts(hdr[0:100])
-        if hdr[257:263] == _POSIX_MAGIC:
-            prefix = _nts(hdr[345:500])
-            if prefix:
-                name = prefix + b"/" + name
-        m.name = longname if longname is not None else name
-        m.linkname = longlink if longlink is not None else _nts(hdr[157:257])
-        m.size = _nti(hdr[124:136])
-        m.mode = _nti_small(hdr[100:108]) & 0o7777
-        m.uid = _nti_small(hdr[108:116])
-        m.gid = _nti_small(hdr[116:124])
+        if longname is None:
+            name = _nts(hdr[0:100])
+            if hdr[257:263] == _POSIX_MAGIC and hdr[345] != 0:
+                name = _nts(hdr[345:500]) + b"/" + name
+        else:
+            name = longname
+        mode, uid, gid = _mode_owner(hdr[100:124])
         mtime = _nti(hdr[136:148])
-        m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, mtime * 1_000_000_000))
+        m = _Member(name, typ, _nti(hdr[124:136]), mode, uid, gid,
+                    max(-_NS_MAX, min(_NS_MAX, mtime * 1_000_000_000)),
+                    _nts(hdr[157:257]) if longlink is None else longlink)
         if typ in (b"3", b"4"):
             m.devmajor = _nti(hdr[329:337])
             m.devminor = _nti(hdr[337:345])
         if pax:
             self._apply_pax(m, pax)
-        if typ == b"S":
-            raise ArchiveError(
-                f"{_show_bytes(m.name)}: GNU sparse files are not supported in layers"
-            )
-        if typ == b"\x00" and m.name.endswith(b"/"):
-            m.type = b"5"  # old V7 archives mark directories by a trailing slash only
-        elif typ not in _REG_TYPES and typ not in _OTHER_TYPES:
+        if typ not in _REG_TYPES and typ not in _OTHER_TYPES:
+            if typ == b"S":
+                raise ArchiveError(
+                    f"{_show_bytes(m.name)}: GNU sparse files are not supported in layers"
+                )
             raise ArchiveError(
                 f"entry {_show_bytes(m.name)}: unsupported tar entry type {typ!r}"
             )
+        if typ == b"\x00" and m.name.endswith(b"/"):
+            m.type = b"5"  # old V7 archives mark directories by a trailing slash only
         if m.size < 0:
             raise ArchiveError(f"entry {_show_bytes(m.name)}: negative size")
         return m
@@ -798,11 +792,6 @@ def check_entry_name(parts: tuple[bytes, ...], name: str) -> None:
                                "for whiteouts")
 
 
-# Below this size a file's data joins its header in the queue for tar; above, it is
-# written straight from the input buffer.
-_SMALL = 64 << 10
-
-
 class _Extractor:
     """Checks each entry against the tree made so far and has GNU tar write it.
 
@@ -910,14 +899,15 @@ class _Extractor:
 
     @staticmethod
     def _meta(m: _Member) -> Meta:
-        check_ids(m.uid, m.gid, f"entry {_show_bytes(m.name)}")
+        if not (0 <= m.uid <= _ID_MAX and 0 <= m.gid <= _ID_MAX):
+            check_ids(m.uid, m.gid, f"entry {_show_bytes(m.name)}")
         return Meta(m.mode, m.uid, m.gid, m.mtime_ns, m.xattrs)
 
     def _skip(self, m: _Member) -> None:
         """Skip the data (and padding) of a regular-file entry that is not written."""
         if m.type in _REG_TYPES:
             n = m.size + (-m.size % _BLOCKSIZE)
-            if self.src.copy_to(-1, n) != n:
+            if self.src.skip(n) != n:
                 raise ArchiveError(
                     f"entry {_show_bytes(m.name)}: archive is truncated inside its data"
                 )
@@ -1014,13 +1004,15 @@ class _Extractor:
         self.pending.append(parts)
 
     def _file(self, parts: tuple[bytes, ...], m: _Member) -> None:
-        meta = self._meta(m)
+        # the most common entry by far: no Meta made for it
+        uid, gid, size = m.uid, m.gid, m.size
+        if not (0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX):
+            check_ids(uid, gid, f"entry {_show_bytes(m.name)}")
         self._place(parts, False)
-        tar = self._emit(header(b"/".join(parts), b"0", meta.mode, meta.uid, meta.gid,
-                                m.size, meta.mtime_ns, xattrs=meta.xattrs))
-        n = m.size + (-m.size % _BLOCKSIZE)
-        got = tar.add_from(self.src, n) if n <= _SMALL else tar.copy_from(self.src, n)
-        if got != n:
+        tar = self._emit(header(b"/".join(parts), b"0", m.mode, uid, gid, size, m.mtime_ns,
+                                xattrs=m.xattrs))
+        n = size + (-size % _BLOCKSIZE)
+        if tar.add_from(self.src, n) != n:
             raise ArchiveError(f"entry {_show_bytes(m.name)}: archive is truncated inside its data")
 
     def _symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:

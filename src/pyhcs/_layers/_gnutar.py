@@ -38,7 +38,6 @@ from pyhcs import _linux
 __all__ = ["ConfinedTar", "TarError", "block_sum", "header"]
 
 _BLOCK = 512
-_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 _MAGIC = b"ustar\x0000"
 _MAX_OCTAL_7 = 0o7777777
 _MAX_OCTAL_11 = 0o77777777777
@@ -61,18 +60,7 @@ _TAR_CAPS = frozenset(
 )
 _F_SETPIPE_SZ = 1031
 _FLUSH_AT = 1 << 20
-
-
-_OCTAL_8: dict[int, bytes] = {}  # modes and owners repeat: each encoded once
-
-
-def _octal_8(n: int) -> bytes:
-    field = _OCTAL_8.get(n)
-    if field is None:
-        field = b"%07o\x00" % n
-        if len(_OCTAL_8) < 4096:
-            _OCTAL_8[n] = field
-    return field
+_IOV_BATCH = 1000  # below IOV_MAX (1024), the most one writev takes
 
 
 def block_sum(block: bytes | bytearray) -> int:
@@ -84,29 +72,66 @@ def block_sum(block: bytes | bytearray) -> int:
     return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
 
 
+def _byte_sum(data: bytes) -> int:
+    """``sum(data)`` for at most 256 bytes (see :func:`block_sum`)."""
+    return (zlib.adler32(data) & 0xFFFF) - 1
+
+
+# A header is built as: name, mode + uid + gid, size, mtime, checksum, type, link name
+# (_HEAD), then _TAIL, which is the same for every entry pyhcs writes: the ustar magic and
+# version, empty user and group names, device 0:0 and no prefix.
+_HEAD = struct.Struct("100s24s12s12s8sc100s")
+_TAIL = _MAGIC + bytes(64) + b"0000000\x00" * 2 + bytes(167)
+#: what _TAIL and the checksum field (counted as eight spaces) add to every checksum
+_FIXED_SUM = sum(_TAIL) + 8 * 32
+# modes and owners repeat: each combination encoded (with its byte sum) once
+_OWNERS: dict[tuple[int, int, int], tuple[bytes, int]] = {}
+
+
+def _owner(mode: int, uid: int, gid: int) -> tuple[bytes, int]:
+    key = (mode, uid, gid)
+    got = _OWNERS.get(key)
+    if got is None:
+        field = b"%07o\x00%07o\x00%07o\x00" % key
+        got = (field, sum(field))
+        if len(_OWNERS) < 4096:
+            _OWNERS[key] = got
+    return got
+
+
 def _ustar(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
-           link: bytes) -> bytearray:
-    h = bytearray(_HEADER.pack(
-        name, _octal_8(mode), _octal_8(uid), _octal_8(gid), b"%011o\x00" % size,
-        b"%011o\x00" % mtime, b"        ", typ, link, _MAGIC, b"", b"", b"0000000\x00",
-        b"0000000\x00", b"",
-    ))
-    h[148:156] = b"%06o\x00 " % block_sum(h)
-    return h
+           link: bytes) -> bytes:
+    owner, owner_sum = _owner(mode, uid, gid)
+    numbers = b"%011o\x00%011o\x00" % (size, mtime)
+    # name and link are at most 100 bytes each: _byte_sum is exact for them
+    chk = (_byte_sum(name) + _byte_sum(link) + _byte_sum(numbers) + owner_sum + typ[0]
+           + _FIXED_SUM)
+    return _HEAD.pack(name, owner, numbers[:12], numbers[12:], b"%06o\x00 " % chk, typ,
+                      link) + _TAIL
+
+
+# The header of a metadata record depends only on its type and length: each made once.
+_RECORD_HEADERS: dict[tuple[bytes, int], bytes] = {}
 
 
 def _record(typ: bytes, data: bytes) -> bytes:
     """A metadata record (GNU long name ``L``/``K`` or pax ``x``) with its padding."""
-    return b"".join((_ustar(b"././@LongLink", typ, 0o644, 0, 0, len(data), 0, b""), data,
-                     bytes(-len(data) % _BLOCK)))
+    n = len(data)
+    head = _RECORD_HEADERS.get((typ, n))
+    if head is None:
+        head = _ustar(b"././@LongLink", typ, 0o644, 0, 0, n, 0, b"")
+        if len(_RECORD_HEADERS) < 4096:
+            _RECORD_HEADERS[typ, n] = head
+    return head + data + bytes(-n % _BLOCK)
 
 
 def _pax(key: bytes, value: bytes) -> bytes:
+    """One pax record: its length (which counts its own digits), then the key and value."""
     body = b" " + key + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(b"%d" % n) + len(body) != n:
-        n = len(b"%d" % n) + len(body)
-    return b"%d" % n + body
+    digits = len(b"%d" % len(body))
+    if len(b"%d" % (len(body) + digits)) > digits:
+        digits += 1
+    return b"%d" % (len(body) + digits) + body
 
 
 def header(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mtime_ns: int,
@@ -116,6 +141,10 @@ def header(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mt
     *name* and *link* are raw bytes without NUL; *mode* holds permission bits only; owners
     are numeric; *mtime_ns* may be negative. Device entries are always 0:0 (whiteouts).
     """
+    sec, frac = divmod(mtime_ns, _BILLION)
+    if not (frac or xattrs or len(name) > 100 or len(link) > 100 or size > _MAX_OCTAL_11
+            or uid > _MAX_OCTAL_7 or gid > _MAX_OCTAL_7 or not 0 <= sec <= _MAX_OCTAL_11):
+        return _ustar(name, typ, mode, uid, gid, size, sec, link)  # the usual case
     out = b""
     if len(name) > 100:
         out += _record(b"L", name + b"\x00")
@@ -124,7 +153,6 @@ def header(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mt
         out += _record(b"K", link + b"\x00")
         link = link[:100]
     pax = b""
-    sec, frac = divmod(mtime_ns, _BILLION)
     if frac or not 0 <= sec <= _MAX_OCTAL_11:
         neg, mag = mtime_ns < 0, abs(mtime_ns)
         text = b"%s%d.%09d" % (b"-" if neg else b"", mag // _BILLION, mag % _BILLION)
@@ -154,15 +182,14 @@ class TarError(OSError):
 
 
 class _Source(Protocol):
-    def read_into(self, out: memoryview) -> int: ...
-    def copy_to(self, fd: int, n: int) -> int: ...
+    def view(self, n: int) -> memoryview: ...
 
 
 class ConfinedTar:
     """One ``tar -x`` into *dest_dir*, confined (see the module's text), fed by the caller.
 
-    :meth:`add` and :meth:`add_from` queue header bytes and small file data;
-    :meth:`copy_from` has large data written straight to tar; :meth:`finish` ends the
+    :meth:`add` and :meth:`add_from` queue header bytes and file data (as they are: the
+    queue is written with one ``writev``, no copy is made); :meth:`finish` ends the
     archive and waits, raising :class:`TarError` (with the errno tar's message names) if
     tar failed; :meth:`abort` kills it. Nothing of the parent but the pipe reaches tar.
     """
@@ -171,9 +198,10 @@ class ConfinedTar:
         tar = shutil.which("tar", path="/usr/bin:/bin")
         if tar is None:
             raise OSError(errno.ENOENT, "GNU tar (/usr/bin/tar) is needed to import layers")
-        # One buffer for the life of the process: growing and freeing one per megabyte
-        # costs an mremap and fresh page faults each time.
-        self._view = memoryview(bytearray(_FLUSH_AT))
+        # What waits to be written: header bytes and views of the input's chunks, written
+        # by one writev once 1 MiB (or _IOV_BATCH buffers) wait. Copying them into one
+        # buffer first would copy every small file's data twice.
+        self._bufs: list[bytes | memoryview] = []
         self._n = 0
         r, w = os.pipe2(os.O_CLOEXEC)
         err = os.memfd_create("pyhcs-tar-stderr", os.MFD_CLOEXEC)
@@ -216,48 +244,50 @@ class ConfinedTar:
         assert self._w is not None
         return self._w
 
-    def add(self, data: bytes | bytearray) -> None:
-        """Queue *data*; written once 1 MiB is queued (or by :meth:`flush`)."""
-        k = len(data)
-        if self._n + k > _FLUSH_AT:
+    def add(self, data: bytes) -> None:
+        """Queue *data* (not copied: it must not change); written once 1 MiB is queued (or
+        by :meth:`flush`)."""
+        self._bufs.append(data)
+        self._n += len(data)
+        if self._n >= _FLUSH_AT or len(self._bufs) >= _IOV_BATCH:
             self.flush()
-            if k > _FLUSH_AT:
-                self._write_all(memoryview(data))
-                return
-        self._view[self._n : self._n + k] = data
-        self._n += k
 
     def add_from(self, src: _Source, n: int) -> int:
-        """Queue the next *n* bytes (at most 1 MiB) of *src*; returns how many there were."""
-        if self._n + n > _FLUSH_AT:
-            self.flush()
-        got = src.read_into(self._view[self._n : self._n + n])
-        self._n += got
-        return got
-
-    def copy_from(self, src: _Source, n: int) -> int:
-        """Write the next *n* bytes of *src* to tar at once; returns how many there were."""
-        self.flush()
-        try:
-            return src.copy_to(self.fd, n)
-        except BrokenPipeError:
-            self.raise_failure()
+        """Queue the next *n* bytes of *src* (views of its buffers, which it must not change);
+        returns how many there were."""
+        left = n
+        bufs = self._bufs
+        while left:
+            view = src.view(left)
+            if not view:
+                break
+            bufs.append(view)
+            left -= len(view)
+            self._n += len(view)
+            if self._n >= _FLUSH_AT or len(bufs) >= _IOV_BATCH:
+                self.flush()
+                bufs = self._bufs
+        return n - left
 
     def flush(self) -> None:
         """Write what is queued."""
-        if self._n:
-            self._write_all(self._view[: self._n])
-            self._n = 0
-
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            view = view[self._write(view) :]
-
-    def _write(self, data: memoryview) -> int:
-        try:
-            return os.write(self.fd, data)
-        except BrokenPipeError:
-            self.raise_failure()
+        bufs = self._bufs
+        if not bufs:
+            return
+        self._bufs, self._n = [], 0
+        while bufs:
+            try:
+                k = os.writev(self.fd, bufs)
+            except BrokenPipeError:
+                self.raise_failure()
+            # a pipe takes it all unless a signal interrupts: then go on from where it was
+            i = 0
+            while i < len(bufs) and k >= len(bufs[i]):
+                k -= len(bufs[i])
+                i += 1
+            bufs = bufs[i:]
+            if k:
+                bufs[0] = memoryview(bufs[0])[k:]
 
     def finish(self) -> None:
         """End the archive, let tar finish, and raise ``OSError`` if it did not succeed."""

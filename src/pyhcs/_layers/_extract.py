@@ -342,7 +342,7 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
                 break  # NUL padding after the last record
             raise ArchiveError("corrupt pax header: malformed record")
         digits = data[pos:sp]
-        if not digits.isdigit() or not digits.isascii():
+        if not digits.isdigit():  # bytes.isdigit() is ASCII digits only
             raise ArchiveError("corrupt pax header: malformed record length")
         end = pos + int(digits)
         eq = data.find(b"=", sp + 1, end)
@@ -493,8 +493,12 @@ class _TarReader:
 
     @staticmethod
     def _apply_pax(m: _Member, pax: dict[bytes, bytes]) -> None:
-        for key, value in pax.items():
-            if key == b"path":
+        for key, value in pax.items():  # the most frequent keys first
+            if key == b"mtime":
+                ns = _decimal_ns(value)
+                if ns is not None:
+                    m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, ns))
+            elif key == b"path":
                 m.name = value
             elif key == b"linkpath":
                 m.linkname = value
@@ -502,10 +506,6 @@ class _TarReader:
                 if not value.isdigit() or not value.isascii():
                     raise ArchiveError(f"corrupt pax header: invalid {key.decode()} {value!r}")
                 setattr(m, key.decode(), int(value))
-            elif key == b"mtime":
-                ns = _decimal_ns(value)
-                if ns is not None:
-                    m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, ns))
             elif key.startswith(_XATTR_PAX_PREFIX):
                 name = key[len(_XATTR_PAX_PREFIX) :]
                 if name in _KEPT_XATTRS or name.startswith(_KEPT_XATTR_PREFIXES):
@@ -551,8 +551,8 @@ def split_bytes(raw: bytes, what: str) -> tuple[bytes, ...]:
 
 def _decimal_ns(text: bytes) -> int | None:
     """Nanoseconds from a pax time record (``[-]seconds[.fraction]``), or None."""
-    neg = text.startswith(b"-")
-    sec, _, frac = text.removeprefix(b"-").partition(b".")
+    neg = text[:1] == b"-"
+    sec, _, frac = (text[1:] if neg else text).partition(b".")
     # bytes.isdigit() is ASCII-only: no other digits get through to int().
     if not sec.isdigit() or len(sec) > 12 or (frac and not frac.isdigit()):
         return None

@@ -434,15 +434,16 @@ class _TarReader:
 
     def next(self) -> _Member | None:
         """The next entry, or None after the end-of-archive marker."""
-        take = self._src.take
+        take, adler32 = self._src.take, zlib.adler32
         longname = longlink = None
         pax: dict[bytes, bytes] | None = None
         while True:
             hdr = take(_BLOCKSIZE)
             field = hdr[148:156]
-            # the checksum (the field counts as spaces), in the form GNU tar and Python
-            # write it; anything else (the end marker too) takes the slow path
-            if (field != b"%06o\x00 " % (block_sum(hdr) - sum(field) + 256)
+            # The checksum (the field counts as spaces; block_sum inline), in the form GNU
+            # tar and Python write it; anything else (the end marker too): the slow path.
+            unsigned = (adler32(hdr[:256]) & 0xFFFF) + (adler32(hdr[256:]) & 0xFFFF) + 254
+            if (field != b"%06o\x00 " % (unsigned - sum(field))
                     or len(hdr) != _BLOCKSIZE) and not self._odd_header(hdr):
                 if longname is not None or longlink is not None or pax is not None:
                     raise ArchiveError("archive ends right after a metadata record")
@@ -468,9 +469,10 @@ class _TarReader:
         else:
             name = longname
         mode, uid, gid = _mode_owner(hdr[100:124])
-        mtime = _nti(hdr[136:148])
-        m = _Member(name, typ, _nti(hdr[124:136]), mode, uid, gid,
-                    max(-_NS_MAX, min(_NS_MAX, mtime * 1_000_000_000)),
+        mtime_ns = _nti(hdr[136:148]) * 1_000_000_000
+        if not -_NS_MAX <= mtime_ns <= _NS_MAX:  # only a base-256 field gets here
+            mtime_ns = max(-_NS_MAX, min(_NS_MAX, mtime_ns))
+        m = _Member(name, typ, _nti(hdr[124:136]), mode, uid, gid, mtime_ns,
                     _nts(hdr[157:257]) if longlink is None else longlink)
         if typ in (b"3", b"4"):
             m.devmajor = _nti(hdr[329:337])

@@ -76,11 +76,6 @@ def block_sum(block: bytes | bytearray) -> int:
     return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
 
 
-def _byte_sum(data: bytes) -> int:
-    """``sum(data)`` for at most 256 bytes (see :func:`block_sum`)."""
-    return (zlib.adler32(data) & 0xFFFF) - 1
-
-
 # A header is built as: name, mode + uid + gid, size, mtime, checksum, type, link name
 # (_HEAD), then _TAIL, which is the same for every entry pyhcs writes: the ustar magic and
 # version, empty user and group names, device 0:0 and no prefix.
@@ -107,9 +102,10 @@ def _ustar(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mt
            link: bytes) -> bytes:
     owner, owner_sum = _owner(mode, uid, gid)
     numbers = b"%011o\x00%011o\x00" % (size, mtime)
-    # name and link are at most 100 bytes each: _byte_sum is exact for them
-    chk = (_byte_sum(name) + _byte_sum(link) + _byte_sum(numbers) + owner_sum + typ[0]
-           + _FIXED_SUM)
+    # The byte sum of name, link and numbers as in block_sum: at most 224 bytes, so
+    # adler32 run over the three gives it exactly.
+    chk = ((zlib.adler32(numbers, zlib.adler32(link, zlib.adler32(name))) & 0xFFFF) - 1
+           + owner_sum + typ[0] + _FIXED_SUM)
     return _HEAD.pack(name, owner, numbers[:12], numbers[12:], b"%06o\x00 " % chk, typ,
                       link) + _TAIL
 

@@ -331,6 +331,10 @@ def _mode_owner(fields: bytes) -> tuple[int, int, int]:
     return got
 
 
+# Times repeat too (the files of one package, of one build step): each parsed once.
+_MTIMES: dict[bytes, int] = {}
+
+
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
     """The ``length keyword=value\\n`` records of a pax header (values as raw bytes)."""
     out: dict[bytes, bytes] = {}
@@ -497,9 +501,15 @@ class _TarReader:
     def _apply_pax(m: _Member, pax: dict[bytes, bytes]) -> None:
         for key, value in pax.items():  # the most frequent keys first
             if key == b"mtime":
-                ns = _decimal_ns(value)
-                if ns is not None:
-                    m.mtime_ns = max(-_NS_MAX, min(_NS_MAX, ns))
+                ns = _MTIMES.get(value)
+                if ns is None:
+                    ns = _decimal_ns(value)
+                    if ns is None:
+                        continue  # not a time: the header's stands
+                    ns = max(-_NS_MAX, min(_NS_MAX, ns))
+                    if len(_MTIMES) < 4096:
+                        _MTIMES[value] = ns
+                m.mtime_ns = ns
             elif key == b"path":
                 m.name = value
             elif key == b"linkpath":
@@ -940,20 +950,25 @@ class _Extractor:
     def _ensure_dirs(self, anc: tuple[bytes, ...], parts: tuple[bytes, ...]) -> None:
         """Make every directory of *anc* exist (implicit ones as 0755, 0:0, mtime 0); an
         existing non-directory on the way (a symlink, a file) refuses the entry *parts*."""
-        for i in range(1, len(anc) + 1):
-            p = anc[:i]
-            k = self.kinds.get(p)
-            if k is None:
-                self._enter(p)
-                self.kinds[p] = True
-                self.dirs[p] = _IMPLICIT
-                self._emit(header(b"/".join(p), b"5", 0o755, 0, 0, 0, 0))
-                self.pending.append(p)
-            elif not k:
-                raise ArchiveError(
-                    f"entry {_show_parts(parts)}: {_show_parts(p)} is not a directory (a "
-                    "symlink or a file): nothing is written through it"
-                )
+        # The map holds every parent of what it holds, as directories (an entry replaced
+        # takes its whole subtree with it): so the deepest ancestor there is the one to
+        # check, and the missing ones are all below it.
+        kinds = self.kinds
+        i = len(anc)
+        while i and (k := kinds.get(anc[:i])) is None:
+            i -= 1
+        if i and not k:
+            raise ArchiveError(
+                f"entry {_show_parts(parts)}: {_show_parts(anc[:i])} is not a directory (a "
+                "symlink or a file): nothing is written through it"
+            )
+        for j in range(i + 1, len(anc) + 1):
+            p = anc[:j]
+            self._enter(p)
+            kinds[p] = True
+            self.dirs[p] = _IMPLICIT
+            self._emit(header(b"/".join(p), b"5", 0o755, 0, 0, 0, 0))
+            self.pending.append(p)
 
     def _place(self, parts: tuple[bytes, ...], is_dir: bool) -> bool:
         """Make room for a new entry at *parts*: parents made, an earlier entry of that name

@@ -1026,10 +1026,10 @@ class _Extractor:
         if not (0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX):
             check_ids(uid, gid, f"entry {_show_bytes(m.name)}")
         self._place(parts, False)
-        tar = self._emit(header(b"/".join(parts), b"0", m.mode, uid, gid, size, m.mtime_ns,
-                                xattrs=m.xattrs))
         n = size + (-size % _BLOCKSIZE)
-        if tar.add_from(self.src, n) != n:
+        head = header(b"/".join(parts), b"0", m.mode, uid, gid, size, m.mtime_ns,
+                      xattrs=m.xattrs)
+        if self._tar().add_file(head, self.src, n) != n:
             raise ArchiveError(f"entry {_show_bytes(m.name)}: archive is truncated inside its data")
 
     def _symlink(self, parts: tuple[bytes, ...], target: bytes, meta: Meta) -> None:

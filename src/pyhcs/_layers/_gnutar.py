@@ -188,7 +188,7 @@ class _Source(Protocol):
 class ConfinedTar:
     """One ``tar -x`` into *dest_dir*, confined (see the module's text), fed by the caller.
 
-    :meth:`add` and :meth:`add_from` queue header bytes and file data (as they are: the
+    :meth:`add` and :meth:`add_file` queue header bytes and file data (as they are: the
     queue is written with one ``writev``, no copy is made); :meth:`finish` ends the
     archive and waits, raising :class:`TarError` (with the errno tar's message names) if
     tar failed; :meth:`abort` kills it. Nothing of the parent but the pipe reaches tar.
@@ -252,11 +252,13 @@ class ConfinedTar:
         if self._n >= _FLUSH_AT or len(self._bufs) >= _IOV_BATCH:
             self.flush()
 
-    def add_from(self, src: _Source, n: int) -> int:
-        """Queue the next *n* bytes of *src* (views of its buffers, which it must not change);
-        returns how many there were."""
-        left = n
+    def add_file(self, head: bytes, src: _Source, n: int) -> int:
+        """Queue *head* (a file's header) and the next *n* bytes of *src* (views of its
+        buffers, which it must not change); returns how many of the *n* there were."""
         bufs = self._bufs
+        bufs.append(head)
+        self._n += len(head)
+        left = n
         while left:
             view = src.view(left)
             if not view:

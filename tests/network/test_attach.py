@@ -120,6 +120,23 @@ def _echo_once(server: socket.socket) -> threading.Thread:
     return t
 
 
+def _echo(server_ns: Netns, port: int, client_ns: Netns, address: tuple[str, int],
+          payload: bytes) -> None:
+    """One TCP round trip: a server in *server_ns* on *port* answers *payload* upper-cased
+    to a client in *client_ns* that connects to *address*."""
+    server = tcp_server(server_ns, port)
+    t = _echo_once(server)
+    client = tcp_client(client_ns)
+    try:
+        client.connect(address)
+        client.sendall(payload)
+        assert client.recv(len(payload)) == payload.upper()
+    finally:
+        t.join(10)
+        client.close()
+        server.close()
+
+
 def test_two_containers_talk_over_the_bridge(net: pyhcs.HNSNetwork,
                                              make_ns: Callable[[], Netns]) -> None:
     a, b = make_ns(), make_ns()
@@ -127,15 +144,7 @@ def test_two_containers_talk_over_the_bridge(net: pyhcs.HNSNetwork,
     eb = hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id))
     hns.attach_endpoint(ea.id, a.path, container_id="a")
     hns.attach_endpoint(eb.id, b.path, container_id="b")
-    server = tcp_server(b, 9000)
-    t = _echo_once(server)
-    client = tcp_client(a)
-    client.connect((eb.ip_address, 9000))
-    client.sendall(b"ping")
-    assert client.recv(4) == b"PING"
-    t.join(10)
-    client.close()
-    server.close()
+    _echo(b, 9000, a, (eb.ip_address, 9000), b"ping")
 
 
 def test_tcp_and_udp_port_mappings_from_another_namespace(
@@ -144,15 +153,7 @@ def test_tcp_and_udp_port_mappings_from_another_namespace(
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id, policies=[
         _nat("TCP", 80, 8080), _nat("UDP", 53, 5353)]))
     hns.attach_endpoint(ep.id, c.path, container_id="c")
-    server = tcp_server(c, 80)
-    t = _echo_once(server)
-    client = tcp_client(wire.outside)
-    client.connect((wire.host_address, 8080))
-    client.sendall(b"mapped")
-    assert client.recv(6) == b"MAPPED"
-    t.join(10)
-    client.close()
-    server.close()
+    _echo(c, 80, wire.outside, (wire.host_address, 8080), b"mapped")
 
     usrv = udp_socket(c)
     usrv.bind(("0.0.0.0", 53))
@@ -170,15 +171,7 @@ def test_tcp_and_udp_port_mappings_from_another_namespace(
         hns.create_endpoint(pyhcs.HNSEndpoint(virtual_network=net.id, policies=[
             _nat("TCP", 81, 8080)]))
     assert e.value.code is pyhcs.ERR_ALREADY_EXISTS
-    server = tcp_server(c, 80)
-    t = _echo_once(server)
-    client = tcp_client(wire.outside)
-    client.connect((wire.host_address, 8080))
-    client.sendall(b"still")
-    assert client.recv(5) == b"STILL"
-    t.join(10)
-    client.close()
-    server.close()
+    _echo(c, 80, wire.outside, (wire.host_address, 8080), b"still")
 
 
 def test_container_reaches_outside_through_masquerade(

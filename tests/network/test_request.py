@@ -254,7 +254,7 @@ def test_nft_works_with_a_thousand_descriptors_open() -> None:
     if hard < 2048:
         pytest.skip("RLIMIT_NOFILE too low to open 1,100 descriptors")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
-    held = []
+    held: list[int] = []
     try:
         while len(held) < 1100:
             held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))

@@ -73,7 +73,7 @@ def test_seed_types_exist() -> None:
     for name in SEED_TYPES:
         assert name in pyhcs.__all__, name
         assert inspect.isclass(getattr(pyhcs, name)), name
-    assert pyhcs.LayerDescriptor  # WC_LAYER_DESCRIPTOR
+    assert inspect.isclass(pyhcs.LayerDescriptor)  # WC_LAYER_DESCRIPTOR
 
 
 def test_container_and_process_methods() -> None:

@@ -164,22 +164,24 @@ import_layer_from_tar(DriverInfo(), "big", sys.argv[1])
 """
 
 
-def _kill_between_rename_and_row(info: DriverInfo, tar: Path) -> Path:
+def _kill_between_rename_and_row(tmp_path: Path) -> tuple[DriverInfo, Path, Path]:
+    """Import a small layer in a child killed between the folder's rename and the
+    registry row; returns the store, the archive and the orphaned folder."""
+    info = DriverInfo()
+    tar = tmp_path / "small.tar"
+    _big_tar(tar, files=20, size=1000)
     proc = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_ROW, str(tar)], check=False)
     assert proc.returncode == -signal.SIGKILL
     folder = Path(info.home_dir) / "big"
     assert (folder / "fs").is_dir() and (folder / ".unpublished").is_file()
     assert not layer_exists(info, "big")
-    return folder
+    return info, tar, folder
 
 
 def test_kill_9_between_rename_and_row_is_recovered_by_the_next_store_open(
     roots: Roots, tmp_path: Path
 ) -> None:
-    info = DriverInfo()
-    tar = tmp_path / "small.tar"
-    _big_tar(tar, files=20, size=1000)
-    folder = _kill_between_rename_and_row(info, tar)
+    info, tar, folder = _kill_between_rename_and_row(tmp_path)
     # The next process that opens the store to create anything removes the orphan.
     code = (
         "from pyhcs._layers import DriverInfo, create_layer;"
@@ -199,10 +201,7 @@ def test_kill_9_between_rename_and_row_is_recovered_by_the_next_store_open(
 def test_kill_9_between_rename_and_row_then_the_same_import_succeeds(
     roots: Roots, tmp_path: Path
 ) -> None:
-    info = DriverInfo()
-    tar = tmp_path / "small.tar"
-    _big_tar(tar, files=20, size=1000)
-    folder = _kill_between_rename_and_row(info, tar)
+    info, tar, folder = _kill_between_rename_and_row(tmp_path)
     import_layer_from_tar(info, "big", str(tar))  # in this process, which already scanned
     assert layer_exists(info, "big")
     assert len(list((folder / "fs").rglob("f*"))) == 20

@@ -21,7 +21,8 @@ import stat
 import struct
 import subprocess
 import tarfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ class _Model:
         return _name_groups(out)
 
 
-def _name_groups(tree: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
+def _name_groups(tree: Mapping[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
     """Hard-link groups named by their first path, so numbering order does not matter."""
     first: dict[object, str] = {}
     for path in sorted(tree):
@@ -164,12 +165,10 @@ def _actual(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 _NAMES = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map("/".join)
-_META = {
-    "mode": st.sampled_from([0o755, 0o644, 0o600, 0o555, 0o4755, 0o1777]),
-    "uid": st.sampled_from([0, 1000]),
-    "gid": st.sampled_from([0, 100]),
-    "mtime": st.sampled_from([1_000_000_000, 1_600_000_000]),
-}
+_MODES = st.sampled_from([0o755, 0o644, 0o600, 0o555, 0o4755, 0o1777])
+_UIDS = st.sampled_from([0, 1000])
+_GIDS = st.sampled_from([0, 100])
+_MTIMES = st.sampled_from([1_000_000_000, 1_600_000_000])
 _NANOS = st.sampled_from([{}, {"mtime": "1500000000.123456789"}])
 
 
@@ -177,22 +176,22 @@ _NANOS = st.sampled_from([{}, {"mtime": "1500000000.123456789"}])
 def _entry(draw: st.DrawFn) -> Entry:
     name = draw(_NAMES)
     kind = draw(st.sampled_from(["f", "d", "l", "h", "p", "wh", "opq"]))
-    meta = {k: draw(v) for k, v in _META.items()}
-    pax = draw(_NANOS)
+    base = Entry(name, mode=draw(_MODES), uid=draw(_UIDS), gid=draw(_GIDS),
+                 mtime=draw(_MTIMES), pax=draw(_NANOS))
     if kind == "f":
-        return Entry(name, tarfile.REGTYPE, draw(st.binary(max_size=20)), pax=pax, **meta)
+        return replace(base, data=draw(st.binary(max_size=20)))
     if kind == "d":
-        return Entry(name, tarfile.DIRTYPE, pax=pax, **meta)
+        return replace(base, kind=tarfile.DIRTYPE)
     if kind == "l":
-        return Entry(name, tarfile.SYMTYPE, linkname=draw(st.sampled_from(["a", "/etc", "../b"])),
-                     pax=pax, uid=meta["uid"], gid=meta["gid"], mtime=meta["mtime"])
+        return replace(base, kind=tarfile.SYMTYPE, mode=0o644,
+                       linkname=draw(st.sampled_from(["a", "/etc", "../b"])))
     if kind == "h":
         return Entry(name, tarfile.LNKTYPE, linkname=draw(_NAMES))
     if kind == "p":
-        return Entry(name, tarfile.FIFOTYPE, pax=pax, **meta)
-    head, _, base = name.rpartition("/")
-    wh = ".wh..wh..opq" if kind == "opq" else ".wh." + base
-    return Entry(f"{head}/{wh}" if head else wh, tarfile.REGTYPE, mtime=meta["mtime"])
+        return replace(base, kind=tarfile.FIFOTYPE)
+    head, _, tail = name.rpartition("/")
+    wh = ".wh..wh..opq" if kind == "opq" else ".wh." + tail
+    return Entry(f"{head}/{wh}" if head else wh, tarfile.REGTYPE, mtime=base.mtime)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

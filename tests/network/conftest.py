@@ -187,3 +187,16 @@ def killed_in(monkeypatch: pytest.MonkeyPatch, module: Any, name: str,
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``pyhcs ARGV...`` in this process: its exit code, stdout and stderr."""
+    from pyhcs._cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

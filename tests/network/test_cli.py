@@ -10,55 +10,45 @@ from click.testing import CliRunner
 
 import pyhcs
 from pyhcs import _network as hns
-from pyhcs._cli import cli, main
+from pyhcs._cli import cli
 
-from .conftest import Wire, tcp_client
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from .conftest import Wire, run_cli, tcp_client
 
 
 def test_network_and_endpoint_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "network", "create", "--subnet", "10.66.0.0/24",
+    code, out, _ = run_cli(capsys, "network", "create", "--subnet", "10.66.0.0/24",
                         "--gateway", "10.66.0.254", "--dns", "10.66.0.53", "web")
     assert code == 0
     nid = out.strip()
     assert hns.get_network("web").id == nid
-    code, out, _ = _run(capsys, "network", "ls")
+    code, out, _ = run_cli(capsys, "network", "ls")
     assert code == 0 and "web" in out and "10.66.0.0/24" in out
-    code, out, _ = _run(capsys, "network", "inspect", "web")
+    code, out, _ = run_cli(capsys, "network", "inspect", "web")
     (doc,) = json.loads(out)
     assert doc["Subnets"][0]["GatewayAddress"] == "10.66.0.254"
     assert doc["DNSServerList"] == "10.66.0.53"
 
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(name="e1", virtual_network=nid))
-    code, out, _ = _run(capsys, "endpoint", "ls", "--network", "web")
+    code, out, _ = run_cli(capsys, "endpoint", "ls", "--network", "web")
     assert code == 0 and "e1" in out and ep.ip_address in out
-    code, out, _ = _run(capsys, "endpoint", "inspect", "e1")
+    code, out, _ = run_cli(capsys, "endpoint", "inspect", "e1")
     assert json.loads(out)[0]["IPAddress"] == "10.66.0.1"
 
     # errors: one line, exit 125, nothing changed
-    code, _, err = _run(capsys, "network", "rm", "web")
+    code, _, err = run_cli(capsys, "network", "rm", "web")
     assert code == 125 and err.startswith("pyhcs: ") and "endpoint" in err
     assert len(err.strip().splitlines()) == 1
-    code, _, err = _run(capsys, "network", "create", "--subnet", "10.66.0.0/16", "other")
+    code, _, err = run_cli(capsys, "network", "create", "--subnet", "10.66.0.0/16", "other")
     assert code == 125 and "overlaps" in err
-    code, _, err = _run(capsys, "network", "create", "--type", "overlay", "--subnet",
+    code, _, err = run_cli(capsys, "network", "create", "--type", "overlay", "--subnet",
                         "10.67.0.0/24", "ov")
     assert code == 125 and "VSID" in err
 
-    assert _run(capsys, "endpoint", "rm", "e1")[0] == 0
-    assert _run(capsys, "network", "rm", nid)[0] == 0
-    code, out, _ = _run(capsys, "network", "ls", "--json")
+    assert run_cli(capsys, "endpoint", "rm", "e1")[0] == 0
+    assert run_cli(capsys, "network", "rm", nid)[0] == 0
+    code, out, _ = run_cli(capsys, "network", "ls", "--json")
     assert json.loads(out) == []
-    code, _, err = _run(capsys, "network", "inspect", "web")
+    code, _, err = run_cli(capsys, "network", "inspect", "web")
     assert code == 125 and "not found" in err
 
 
@@ -72,8 +62,8 @@ def test_network_restore_command() -> None:
 
 def test_run_with_network_publishes_a_port(capsys: pytest.CaptureFixture[str],
                                            busybox: list[str], wire: Wire) -> None:
-    assert _run(capsys, "network", "create", "--subnet", "10.67.0.0/24", "pub")[0] == 0
-    code, out, err = _run(capsys, "run", "-d", "--network", "pub", "-p", "8080:80", "busybox",
+    assert run_cli(capsys, "network", "create", "--subnet", "10.67.0.0/24", "pub")[0] == 0
+    code, out, err = run_cli(capsys, "run", "-d", "--network", "pub", "-p", "8080:80", "busybox",
                           "sh", "-c", "echo pong | nc -l -p 80")
     assert code == 0, err
     cid = out.strip()
@@ -96,10 +86,10 @@ def test_run_with_network_publishes_a_port(capsys: pytest.CaptureFixture[str],
         assert data == b"pong\n"
         assert ep.ip_address.startswith("10.67.0.")
     finally:
-        assert _run(capsys, "rm", "-f", cid)[0] == 0
+        assert run_cli(capsys, "rm", "-f", cid)[0] == 0
     assert [e for e in hns.list_endpoints() if e.name == f"run-{cid}"] == []
-    code, _, err = _run(capsys, "run", "-p", "1:2", "busybox", "true")
+    code, _, err = run_cli(capsys, "run", "-p", "1:2", "busybox", "true")
     assert code == 2 and "--network" in err
-    code, _, err = _run(capsys, "run", "--network", "pub", "-p", "80", "busybox", "true")
+    code, _, err = run_cli(capsys, "run", "--network", "pub", "-p", "80", "busybox", "true")
     assert code == 2 and "HOST:CONTAINER" in err
-    assert _run(capsys, "network", "rm", "pub")[0] == 0
+    assert run_cli(capsys, "network", "rm", "pub")[0] == 0

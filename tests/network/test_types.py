@@ -35,6 +35,7 @@ from .conftest import (
     interface_names,
     killed_in,
     nft_table_names,
+    run_cli,
     run_in,
     tcp_client,
     tcp_server,
@@ -538,46 +539,34 @@ def test_restore_retakes_an_l2bridge_uplink(uplink: Uplink, make_ns: Callable[[]
 # --------------------------------------------------------------------------- CLI
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    from pyhcs._cli import main
-
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_creates_every_type(uplink: Uplink, capsys: pytest.CaptureFixture[str]) -> None:
     before = _uplink_state()
-    code, out, err = _cli(capsys, "network", "create", "--type", "l2bridge", "--uplink", "up0",
+    code, out, err = run_cli(capsys, "network", "create", "--type", "l2bridge", "--uplink", "up0",
                           "--subnet", SEGMENT, "--gateway", OUTSIDE_ADDRESS, "l2")
     assert code == 0, err
     l2 = out.strip()
-    code, out, err = _cli(capsys, "network", "create", "--type", "overlay", "--vsid", "5000",
+    code, out, err = run_cli(capsys, "network", "create", "--type", "overlay", "--vsid", "5000",
                           "--subnet", "10.203.0.0/24", "ov")
     assert code == 0, err
-    code, out, _ = _cli(capsys, "network", "ls")
+    code, out, _ = run_cli(capsys, "network", "ls")
     assert code == 0 and re.search(r"l2\s+l2bridge\s+up0\s+192\.0\.2\.0/24", out)
-    code, out, _ = _cli(capsys, "network", "ls", "--json")
+    code, out, _ = run_cli(capsys, "network", "ls", "--json")
     docs = {d["Name"]: d for d in json.loads(out)}
     assert docs["l2"]["Id"] == l2 and docs["l2"]["NetworkAdapterName"] == "up0"
     assert docs["ov"]["Type"] == "overlay"
     assert docs["ov"]["Policies"] == [{"Type": "VSID", "VSID": 5000}]
     assert "vxlan id 5000" in _ip("-d", "link", "show", vxlan_name(docs["ov"]["Id"]))
     ep = hns.create_endpoint(pyhcs.HNSEndpoint(name="e1"), network="ov")
-    code, out, _ = _cli(capsys, "endpoint", "ls", "--json")
+    code, out, _ = run_cli(capsys, "endpoint", "ls", "--json")
     assert code == 0 and [(d["Name"], d["IPAddress"]) for d in json.loads(out)] == [
         ("e1", ep.ip_address)]
     # --vsid belongs to overlay networks; a transparent network needs its uplink
-    code, _, err = _cli(capsys, "network", "create", "--vsid", "5", "x")
+    code, _, err = run_cli(capsys, "network", "create", "--vsid", "5", "x")
     assert code == 2 and "--vsid" in err
-    code, _, err = _cli(capsys, "network", "create", "--type", "transparent", "x")
+    code, _, err = run_cli(capsys, "network", "create", "--type", "transparent", "x")
     assert code == 125 and "NetworkAdapterName" in err
-    assert _cli(capsys, "endpoint", "rm", "e1")[0] == 0
-    assert _cli(capsys, "network", "rm", "l2", "ov")[0] == 0
+    assert run_cli(capsys, "endpoint", "rm", "e1")[0] == 0
+    assert run_cli(capsys, "network", "rm", "l2", "ov")[0] == 0
     assert _uplink_state() == before
 
 

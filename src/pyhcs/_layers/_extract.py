@@ -249,12 +249,8 @@ class _Input:
     def skip(self, n: int) -> int:
         """Pass over the next *n* bytes; returns how many there were."""
         left = n
-        while left:
-            if self._pos == len(self._data) and not self._more():
-                break
-            k = min(left, len(self._data) - self._pos)
-            self._pos += k
-            left -= k
+        while left and (view := self.view(left)):
+            left -= len(view)
         return n - left
 
     def view(self, n: int) -> memoryview:
@@ -405,18 +401,18 @@ class _TarReader:
         self._global: dict[bytes, bytes] = {}
 
     @staticmethod
-    def _odd_header(hdr: bytes) -> bool:
-        """A header whose checksum field is not as GNU tar and Python write it: False for
-        the end-of-archive marker, True if the checksum holds, else ArchiveError."""
+    def _odd_header(hdr: bytes, unsigned: int) -> bool:
+        """A header whose checksum field is not as GNU tar and Python write it (*unsigned*:
+        its checksum as computed): False for the end-of-archive marker, True if the
+        checksum holds, else ArchiveError."""
         if len(hdr) == 0:
             raise ArchiveError("archive is truncated: it ends without an end-of-archive marker")
         if len(hdr) != _BLOCKSIZE:
             raise ArchiveError("archive is truncated inside a header")
         if hdr == _ZERO_BLOCK:
             return False
-        field = hdr[148:156]
-        chk = _nti(field)
-        if chk != block_sum(hdr) - sum(field) + 256 and chk != 256 + sum(_CHECKSUM.unpack(hdr)):
+        chk = _nti(hdr[148:156])
+        if chk != unsigned and chk != 256 + sum(_CHECKSUM.unpack(hdr)):
             raise ArchiveError("corrupt tar header: bad checksum")
         return True
 
@@ -438,17 +434,17 @@ class _TarReader:
 
     def next(self) -> _Member | None:
         """The next entry, or None after the end-of-archive marker."""
-        take, adler32 = self._src.take, zlib.adler32
+        take = self._src.take
         longname = longlink = None
         pax: dict[bytes, bytes] | None = None
         while True:
             hdr = take(_BLOCKSIZE)
             field = hdr[148:156]
-            # The checksum (the field counts as spaces; block_sum inline), in the form GNU
-            # tar and Python write it; anything else (the end marker too): the slow path.
-            unsigned = (adler32(hdr[:256]) & 0xFFFF) + (adler32(hdr[256:]) & 0xFFFF) + 254
-            if (field != b"%06o\x00 " % (unsigned - sum(field))
-                    or len(hdr) != _BLOCKSIZE) and not self._odd_header(hdr):
+            # The checksum (the field counts as spaces), in the form GNU tar and Python
+            # write it; anything else (the end marker too) takes the slow path.
+            unsigned = block_sum(hdr) - sum(field) + 256
+            if (field != b"%06o\x00 " % unsigned
+                    or len(hdr) != _BLOCKSIZE) and not self._odd_header(hdr, unsigned):
                 if longname is not None or longlink is not None or pax is not None:
                     raise ArchiveError("archive ends right after a metadata record")
                 return None
@@ -515,7 +511,7 @@ class _TarReader:
             elif key == b"linkpath":
                 m.linkname = value
             elif key in (b"size", b"uid", b"gid"):
-                if not value.isdigit() or not value.isascii():
+                if not value.isdigit():  # ASCII digits only (bytes)
                     raise ArchiveError(f"corrupt pax header: invalid {key.decode()} {value!r}")
                 setattr(m, key.decode(), int(value))
             elif key.startswith(_XATTR_PAX_PREFIX):
@@ -910,9 +906,13 @@ class _Extractor:
             )
 
     @staticmethod
-    def _meta(m: _Member) -> Meta:
+    def _check_owner(m: _Member) -> None:
+        # the message only when it fails: this runs for every entry
         if not (0 <= m.uid <= _ID_MAX and 0 <= m.gid <= _ID_MAX):
             check_ids(m.uid, m.gid, f"entry {_show_bytes(m.name)}")
+
+    def _meta(self, m: _Member) -> Meta:
+        self._check_owner(m)
         return Meta(m.mode, m.uid, m.gid, m.mtime_ns, m.xattrs)
 
     def _skip(self, m: _Member) -> None:
@@ -1022,12 +1022,11 @@ class _Extractor:
 
     def _file(self, parts: tuple[bytes, ...], m: _Member) -> None:
         # the most common entry by far: no Meta made for it
-        uid, gid, size = m.uid, m.gid, m.size
-        if not (0 <= uid <= _ID_MAX and 0 <= gid <= _ID_MAX):
-            check_ids(uid, gid, f"entry {_show_bytes(m.name)}")
+        self._check_owner(m)
         self._place(parts, False)
+        size = m.size
         n = size + (-size % _BLOCKSIZE)
-        head = header(b"/".join(parts), b"0", m.mode, uid, gid, size, m.mtime_ns,
+        head = header(b"/".join(parts), b"0", m.mode, m.uid, m.gid, size, m.mtime_ns,
                       xattrs=m.xattrs)
         if self._tar().add_file(head, self.src, n) != n:
             raise ArchiveError(f"entry {_show_bytes(m.name)}: archive is truncated inside its data")

@@ -102,8 +102,8 @@ def _ustar(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mt
            link: bytes) -> bytes:
     owner, owner_sum = _owner(mode, uid, gid)
     numbers = b"%011o\x00%011o\x00" % (size, mtime)
-    # The byte sum of name, link and numbers as in block_sum: at most 224 bytes, so
-    # adler32 run over the three gives it exactly.
+    # The byte sum of name, link and numbers as block_sum makes it: at most 224 bytes,
+    # so one adler32 run over the three gives it exactly.
     chk = ((zlib.adler32(numbers, zlib.adler32(link, zlib.adler32(name))) & 0xFFFF) - 1
            + owner_sum + typ[0] + _FIXED_SUM)
     return _HEAD.pack(name, owner, numbers[:12], numbers[12:], b"%06o\x00 " % chk, typ,

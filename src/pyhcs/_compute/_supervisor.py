@@ -37,7 +37,6 @@ from typing import Any, TextIO
 
 from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
-from .._linux import fork_bare
 from .._paths import Roots
 from .._runtime._cgroups import manager as cgroup_manager
 from .._runtime._cgroups import namespace_mounts as cgroup_namespace_mounts
@@ -668,7 +667,6 @@ def reap_supervisors() -> None:
 # stays until they have all ended, so that no finished supervisor is left unreaped.
 
 #: the namespaces a spare makes ahead: those of every container pyhcs specifies
-_OUTPUT_PIPE_BYTES = 1 << 20
 _SPARE_FLAGS = namespace_flags({"linux": {"namespaces": [{"type": t} for t in NAMESPACES]}})
 
 
@@ -897,6 +895,9 @@ def _fork_spare(flags: int) -> _Spare:
     return _Spare(pid, ours, flags)
 
 
+_OUTPUT_PIPE_BYTES = 1 << 20
+
+
 def _widen_pipe(fd: int) -> None:
     """Give an output pipe 1 MiB (the default pipe-max-size) instead of 64 KiB: a writer
     then blocks 16x less often, which is 20-45% more throughput here (docs/benchmarks.md).
@@ -913,7 +914,7 @@ def _fork_child(main: Callable[..., int], *args: Any,
     the parent's stack in the child. Returns the child's pid. *bare*: this process is
     single-threaded, so the child can skip Python's after-fork work
     (:func:`pyhcs._linux.fork_bare`)."""
-    pid = fork_bare() if bare else os.fork()
+    pid = L.fork_bare() if bare else os.fork()
     if pid == 0:
         code = 1
         try:

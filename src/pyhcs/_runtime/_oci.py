@@ -85,6 +85,7 @@ from ._native import (
     resolve_user,
     secure_join,
 )
+from ._spec import UserNamespace
 
 __all__ = ["RUNTIME_ANNOTATION", "RUNTIME_ENV", "OciSandbox", "OciSpawnResult",
            "resolve_runtime", "runtime_of", "create_sandbox", "destroy_sandbox", "spawn"]
@@ -223,7 +224,7 @@ def create_sandbox(container_id: str, spec: dict[str, Any], run_dir: Path) -> Oc
                                            container_id])
     bundle = run_dir / "oci"
     bundle.mkdir(mode=0o700, exist_ok=True)
-    if any(ns.get("type") == "user" for ns in linux["namespaces"]):
+    if UserNamespace.from_spec(linux) is not None:
         _rootfs_for_userns(spec, run_dir)
     cg = manager().create(container_id, _resources(spec))
     sb = OciSandbox(container_id, cg, runtime=runtime, bundle=str(bundle), spec=spec)

@@ -19,7 +19,7 @@ __all__ = [
     "capset_drop_to",
     "close_range_from", "PR_SET_PDEATHSIG", "PR_SET_NO_NEW_PRIVS", "PR_SET_DUMPABLE",
     "PR_CAPBSET_DROP", "PR_SET_CHILD_SUBREAPER", "PR_SET_NAME", "CAP_LAST_CAP",
-    "user_namespace", "idmapped_clone", "fork_bare", "mount_setattr",
+    "user_namespace", "write_id_maps", "idmapped_clone", "fork_bare", "mount_setattr",
     "MOUNT_ATTR_RDONLY", "MOUNT_ATTR_NOSUID", "MOUNT_ATTR_NODEV",
 ]
 
@@ -232,14 +232,20 @@ def user_namespace(uid_map: str, gid_map: str) -> int:
     try:
         if os.read(r, 1) != b"x":
             raise OSError(errno.EPERM, "cannot create a user namespace")
-        for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(text)
+        write_id_maps(pid, uid_map, gid_map)
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(r)
         os.close(go_w)
         os.waitpid(pid, 0)
+
+
+def write_id_maps(pid: int, uid_map: str, gid_map: str) -> None:
+    """Give the user namespace of *pid* its ``uid_map`` and ``gid_map`` (once, as the
+    kernel allows). Raises ``OSError``."""
+    for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(text)
 
 
 class _MountAttr(ctypes.Structure):

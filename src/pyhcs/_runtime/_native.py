@@ -658,9 +658,7 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         if ready != b"ready":
             raise _error_reply(ready)
         if sb.id_maps is not None:  # pid 1 has made its user namespace: give it its ids
-            for name, text in zip(("uid_map", "gid_map"), sb.id_maps, strict=True):
-                with open(f"/proc/{sb.init_pid}/{name}", "w") as f:
-                    f.write(text)
+            L.write_id_maps(sb.init_pid, *sb.id_maps)
         # later processes join these; pid 1 may be gone by the time they come
         for ns in ("cgroup", "mnt", "user") if sb.id_maps is not None else ("cgroup", "mnt"):
             sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)

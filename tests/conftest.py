@@ -125,10 +125,10 @@ def leak_check() -> Iterator[None]:
     """Fail the session if it leaves kernel state behind."""
     before = _snapshot()
     yield
-    from pyhcs._compute._supervisor import close_spare
+    from pyhcs._compute._supervisor import close_supervisor
     from pyhcs._runtime._cgroups import remove_parent
 
-    close_spare()  # the session's spare supervisor (idle, waiting for a container) goes now
+    close_supervisor()  # the session's supervisor process goes once its containers have
     leaks = []
     # Processes first: a supervisor still running would explain every other leak.
     deadline = time.monotonic() + 10

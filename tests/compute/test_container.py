@@ -195,15 +195,20 @@ def test_container_survives_its_creator(busybox: list[str], unique_id: str) -> N
 
 
 def test_killed_supervisor_reports_255(make_container: Make) -> None:
-    c = make_container()
-    c.start()
-    c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
-    sup = pyhcs.container_state(c.id)["supervisor_pid"]
+    # one supervisor process serves the client's containers: killing it ends them all
+    _own_supervisor()
+    cs = [make_container() for _ in range(2)]
+    for c in cs:
+        c.start()
+        c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
+    sup = pyhcs.container_state(cs[0].id)["supervisor_pid"]
+    assert pyhcs.container_state(cs[1].id)["supervisor_pid"] == sup
     os.kill(sup, signal.SIGKILL)
-    c.wait(10)
-    state = pyhcs.container_state(c.id)
-    assert state["state"] == "stopped"
-    assert state["exit_code"] == 255
+    for c in cs:
+        c.wait(10)
+        state = pyhcs.container_state(c.id)
+        assert state["state"] == "stopped"
+        assert state["exit_code"] == 255
 
 
 def test_statistics_and_process_list(make_container: Make) -> None:
@@ -256,36 +261,72 @@ def test_same_id_again_right_after_remove(busybox: list[str], unique_id: str) ->
         pyhcs.remove_container(unique_id)
 
 
-# -- the spare supervisor -------------------------------------------------------------------
+# -- the supervisor process -----------------------------------------------------------------
 
 
-def _spare_pid() -> int:
+def _own_supervisor() -> None:
+    """Let go of the session's supervisor process, so the next start forks one for this
+    test alone (it may kill it)."""
     from pyhcs._compute import _supervisor
 
-    pid = _supervisor.spare_pid()
+    _supervisor.close_supervisor()
+
+
+def _supervisor_pid() -> int:
+    from pyhcs._compute import _supervisor
+
+    pid = _supervisor.supervisor_pid()
     assert pid is not None
     return pid
 
 
-def test_spare_supervisor_takes_the_environment_at_start(make_container: Make,
-                                                         monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+def _ns(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def test_one_supervisor_serves_the_clients_containers(make_container: Make) -> None:
+    cs = [make_container() for _ in range(3)]
+    for c in cs:
+        c.start()
+    sup = _supervisor_pid()
+    assert {pyhcs.container_state(c.id)["supervisor_pid"] for c in cs} == {sup}
+    seen = set()
+    for c in cs:
+        init = c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
+        assert init.pid == 1
+        # a later process: forked by the supervisor into pid 1's namespaces
+        code, out, _ = run(c, "sh -c 'for f in /proc/1/ns/pid /proc/self/ns/pid "
+                              "/proc/1/ns/net /proc/self/ns/net; do readlink $f; done'")
+        pid_1, pid_self, net_1, net_self = out.decode().split()
+        assert code == 0 and pid_1 == pid_self and net_1 == net_self
+        seen.add((pid_self, net_self))
+    assert len(seen) == 3 and (_ns("self", "pid"), _ns("self", "net")) not in seen
+    # it stays in the host's namespaces (once it has answered: between a start's reply and
+    # its next request it may be in a new pid namespace for a moment, making pid 1 ahead)
+    for kind in ("pid", "pid_for_children", "net", "uts", "ipc", "mnt", "cgroup"):
+        assert _ns(sup, kind) == _ns("self", kind), kind
+    cs[0].terminate()
+    cs[0].wait(10)
+    assert run(cs[1], "echo alive")[1] == b"alive\n"  # the others go on
+
+
+def test_supervisor_takes_the_environment_at_start(make_container: Make,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from pyhcs._runtime._cgroups import remove_parent
 
     first = make_container()
-    first.start()  # leaves a spare forked now, with the session's cgroup parent
-    spare = _spare_pid()
+    first.start()  # forks the supervisor, or finds it, with the session's cgroup parent
+    sup = _supervisor_pid()
     parent = os.environ["PYHCS_CGROUP_PARENT"] + "-later"
     monkeypatch.setenv("PYHCS_CGROUP_PARENT", parent)
     second = make_container()
     try:
         second.start()
-        assert pyhcs.container_state(second.id)["supervisor_pid"] == spare  # the spare...
+        assert pyhcs.container_state(second.id)["supervisor_pid"] == sup  # the same...
         # ...made the cgroup under the parent set after it was forked
         assert Path("/sys/fs/cgroup/memory", parent, second.id).is_dir()
         code, out, _ = run(second, "echo in")
         assert code == 0 and out == b"in\n"
-        assert _spare_pid() != spare  # and the next spare is ready
     finally:
         pyhcs.remove_container(second.id, force=True)
         deadline = time.monotonic() + 10
@@ -298,62 +339,71 @@ def test_spare_supervisor_takes_the_environment_at_start(make_container: Make,
                 time.sleep(0.05)
 
 
-def test_spare_makes_the_namespaces_and_pid_1_ahead(make_container: Make) -> None:
-    make_container().start()
-    spare = _spare_pid()
-
-    def ns(pid: int | str, kind: str) -> str:
-        return os.readlink(f"/proc/{pid}/ns/{kind}")
-
-    # the namespaces come first, then pid 1 (until it exists, pid_for_children reads as
-    # missing): wait for pid 1
-    children = Path(f"/proc/{spare}/task/{spare}/children")
+def test_supervisor_makes_the_next_pid_1_ahead(make_container: Make) -> None:
+    _own_supervisor()
+    first = make_container()
+    first.start()
+    sup = _supervisor_pid()
+    reply, _ = first._call("Test", {"op": "netns"})
+    children = Path(f"/proc/{sup}/task/{sup}/children")
+    # pid 1 of the next container comes after the reply: wait for it
     deadline = time.monotonic() + 10
-    while not children.read_text().split():
+    while len(children.read_text().split()) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    for kind in ("net", "uts", "ipc", "pid_for_children"):
-        assert ns(spare, kind) != ns("self", kind), kind
+    (ahead,) = set(children.read_text().split()) - {str(reply["pid"])}
+    # it makes its namespaces right after its fork: wait for the last one
+    while _ns(ahead, "net") == _ns(sup, "net"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for kind in ("pid", "net", "uts", "ipc"):
+        assert _ns(ahead, kind) != _ns(sup, kind), kind
+        assert _ns(ahead, kind) != _ns(reply["pid"], kind), kind
     # the mount namespace is made when the container comes (it must see its root mounted)
-    assert ns(spare, "mnt") == ns("self", "mnt")
-    (init,) = children.read_text().split()  # the next container's pid 1, waiting
-    assert ns(init, "pid") == ns(spare, "pid_for_children")
-    assert ns(init, "net") == ns(spare, "net")
+    assert _ns(ahead, "mnt") == _ns("self", "mnt")
     c = make_container()
-    c.start()  # the spare takes it, in the namespaces it made
-    assert pyhcs.container_state(c.id)["supervisor_pid"] == spare
+    c.start()  # it becomes this container's pid 1
+    assert c._call("Test", {"op": "netns"})[0]["pid"] == int(ahead)
     code, out, _ = run(c, "sh -c 'echo $$; hostname'")
     assert code == 0 and out.split()[0] == b"1"
 
 
-def test_killed_spare_is_replaced(make_container: Make) -> None:
+def test_killed_supervisor_is_replaced(make_container: Make) -> None:
+    _own_supervisor()
     make_container().start()
-    spare = _spare_pid()
-    os.kill(spare, signal.SIGKILL)
+    sup = _supervisor_pid()
+    os.kill(sup, signal.SIGKILL)
     c = make_container()
-    c.start()  # the dead spare is noticed and a new supervisor forked
-    assert pyhcs.container_state(c.id)["supervisor_pid"] != spare
+    c.start()  # the dead supervisor is noticed and a new one forked
+    assert pyhcs.container_state(c.id)["supervisor_pid"] != sup
     code, out, _ = run(c, "echo alive")
     assert code == 0 and out == b"alive\n"
 
 
-def test_spare_goes_with_its_client(busybox: list[str], roots: object) -> None:
+def test_supervisor_outlives_its_client_until_its_containers_end(busybox: list[str],
+                                                                 roots: object) -> None:
     script = (
         "import os, sys, pyhcs\n"
         "from pyhcs._compute import _supervisor\n"
         "layers = [pyhcs.Layer(id=p.rsplit('/', 1)[-1], path=p) for p in sys.argv[1:]]\n"
-        "c = pyhcs.create_container('spare-client', pyhcs.ContainerConfig(layers=layers))\n"
+        "c = pyhcs.create_container('sup-client', pyhcs.ContainerConfig(layers=layers))\n"
         "c.start()\n"
-        "print(_supervisor.spare_pid(), flush=True)\n"
+        "print(_supervisor.supervisor_pid(), flush=True)\n"
     )
     out = subprocess.run([sys.executable, "-c", script, *busybox], check=True,
                          capture_output=True, text=True, timeout=60).stdout
-    spare = int(out)
-    deadline = time.monotonic() + 10
-    while _alive(spare):  # it saw its client's end of the socket close, and exited
-        assert time.monotonic() < deadline, "the spare outlived its client"
-        time.sleep(0.02)
-    pyhcs.remove_container("spare-client", force=True)
+    sup = int(out)
+    try:
+        assert _alive(sup)  # its client has gone; the container still runs
+        c = pyhcs.open_container("sup-client")
+        assert run(c, "echo served")[1] == b"served\n"  # its first process: then it ends
+        c.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(sup):  # its last container ended and its client is gone: it exits
+            assert time.monotonic() < deadline, "the supervisor outlived its containers"
+            time.sleep(0.02)
+    finally:
+        pyhcs.remove_container("sup-client", force=True)
 
 
 def _alive(pid: int) -> bool:
@@ -386,13 +436,11 @@ def test_pid_1_killed_before_any_process_ends_the_container(make_container: Make
     c = make_container()
     c.start()
     sup = pyhcs.container_state(c.id)["supervisor_pid"]
-    children = Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
-    assert len(children) == 1  # pid 1, waiting for the container's first process
-    os.kill(int(children[0]), signal.SIGKILL)
+    init = c._call("Test", {"op": "netns"})[0]["pid"]  # pid 1, waiting for a process
+    assert str(init) in Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
+    os.kill(init, signal.SIGKILL)
     c.wait(10)  # the supervisor notices at once instead of waiting forever
     state = pyhcs.container_state(c.id)
     assert state["state"] == "stopped" and state["exit_code"] == 137
-    deadline = time.monotonic() + 10
-    while _alive(sup):  # and it goes, leaving no zombie behind
-        assert time.monotonic() < deadline, "the supervisor outlived its container"
-        time.sleep(0.02)
+    # and it reaped pid 1: no zombie left behind
+    assert str(init) not in Path(f"/proc/{sup}/task/{sup}/children").read_text().split()

@@ -28,6 +28,21 @@ def test_cwd_cannot_leave_the_root(make_container: Make) -> None:
     assert host_only and not host_only & set(lines[1:])
 
 
+def test_sysfs_and_mqueue_are_the_containers_own(make_container: Make) -> None:
+    # the supervisor mounts them, from the host's namespaces; each must show the
+    # container's network and ipc namespaces (pid 1's), not the host's
+    a, b = make_container(), make_container()
+    for c in (a, b):
+        c.start()
+        c.create_process(pyhcs.ProcessConfig(command_line="sleep 60"))
+    assert run(a, "ls /sys/class/net")[1].split() == [b"lo"]
+    assert len(os.listdir("/sys/class/net")) > 1  # the host has more than lo
+    code, out, _ = run(a, "sh -c 'touch /dev/mqueue/pyhcs-q && ls /dev/mqueue'")
+    assert (code, out) == (0, b"pyhcs-q\n")  # a message queue in a's ipc namespace...
+    assert run(b, "ls /dev/mqueue") == (0, b"", b"")  # ...is not b's
+    assert not os.path.exists("/dev/mqueue/pyhcs-q")  # (nor the host's, if it has one)
+
+
 def test_cwd_through_proc_fd_is_refused(make_container: Make) -> None:
     c = make_container()
     c.start()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import pyhcs
-from pyhcs._compute._supervisor import close_spare, reap_supervisors
+from pyhcs._compute._supervisor import close_supervisor, reap_supervisors
 from pyhcs._layers import wait_for_trash
 from pyhcs._paths import Roots
 from pyhcs._registry import Registry
@@ -111,8 +111,9 @@ class Baseline:
 
     def check(self, supervisors: set[int]) -> None:
         """Fail on anything the test left behind. *supervisors*: every supervisor pid the
-        test saw; each must have exited (they release the cgroup after their final record,
-        so give them a moment)."""
+        test saw; each must have exited once let go of (they release the cgroup after their
+        final record, so give them a moment)."""
+        close_supervisor()
         deadline = time.monotonic() + 60
         while True:
             alive = sorted(p for p in supervisors if _alive(p))
@@ -140,10 +141,10 @@ class Baseline:
 
 
 def _settle() -> None:
-    """End what pyhcs keeps between containers by design: the spare supervisor forked for
-    the next start (a child process and a socket) and the background removal of deleted
-    sandboxes' files (``.trash-*`` folders for a moment)."""
-    close_spare()
+    """End what pyhcs keeps between containers by design: the supervisor process with the
+    pid 1 it made ahead for the next start (child processes and a socket) and the
+    background removal of deleted sandboxes' files (``.trash-*`` folders for a moment)."""
+    close_supervisor()
     wait_for_trash()
 
 
@@ -291,12 +292,17 @@ def test_sequential_cycles_leak_nothing(baseline: Baseline, busybox: list[str],
     """1,000 create/start/wait/delete cycles of /bin/true through the public API."""
     layers = _layers(busybox)
     sups = set()
+    fds = {}
     for i in range(CYCLES):
         sups.add(_cycle(f"{unique_id}-{i}", layers))
         if i % 100 == 99:
-            # finished supervisors do not pile up: each start or remove reaps the ones
-            # done by then (the last one or two may still be tearing down)
-            assert len(_children()[1]) <= 3, _children()
+            assert not _children()[1], _children()  # no unreaped supervisor
+            (sup,) = sups  # one supervisor process served them all...
+            # ...and holds no more fds after 1,000 containers than after 100 (the last
+            # container's may still be closing)
+            time.sleep(0.2)
+            fds[i] = len(os.listdir(f"/proc/{sup}/fd"))
+    assert fds[CYCLES - 1] <= fds[99], fds
     baseline.check(sups)
 
 
@@ -314,17 +320,17 @@ def test_many_running_containers_leak_nothing(baseline: Baseline, busybox: list[
             c.create_process(pyhcs.ProcessConfig(command_line="sleep 1000")).close()
             sups.add(int(pyhcs.container_state(cid)["supervisor_pid"]))
             c.close()
-        assert len(sups) == RUNNING
+        assert len(sups) == 1  # one supervisor process serves them all
         listed = pyhcs.get_containers()
         assert sorted(x.id for x in listed) == sorted(ids)
         assert not any(x.stopped for x in listed)
         # the leak check looks where containers really leave state
         assert len(_child_cgroups()) >= RUNNING
         assert len(_mounts_under(str(baseline.roots.root.parent))) >= RUNNING
-        # the supervisors: the first one our child, the others our forker's (see
-        # _supervisor), all alive
-        ours = _children()[0]
-        assert len(ours) + sum(len(_children(p)[0]) for p in ours) >= RUNNING
+        # it is our child, and each container's pid 1 is its child
+        (sup,) = sups
+        assert sup in _children()[0]
+        assert len(_children(sup)[0]) >= RUNNING
         for cid in ids:
             with pyhcs.open_container(cid) as c:
                 p = c.create_process(pyhcs.ProcessConfig(command_line="hostname",
@@ -389,5 +395,5 @@ def test_parallel_creators(baseline: Baseline, busybox: list[str], unique_id: st
         _cleanup([f"{unique_id}-{k}-{i}" for k in range(CREATORS)
                   for i in range(CYCLES_PER_CREATOR)])
     assert not failures, "\n".join(failures)
-    assert len(sups) == CREATORS * CYCLES_PER_CREATOR
+    assert len(sups) == CREATORS  # one supervisor process per client
     baseline.check(sups)

@@ -254,9 +254,9 @@ cli.add_command(_network_cli.endpoint)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pyhcs`` console script."""
-    from pyhcs._compute._supervisor import keep_spare
+    from pyhcs._compute._supervisor import prepare_ahead
 
-    keep_spare(False)  # one container per command: a spare supervisor would idle for nothing
+    prepare_ahead(False)  # one container per command: a pid 1 made ahead would be for nothing
     try:
         cli.main(args=argv, prog_name="pyhcs", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -268,7 +268,7 @@ class Container:
                        (self._id,)) != 1:
             raise ContainerError(self._id, "Start", ERR_VMCOMPUTE_OPERATION_INVALID_STATE)
         try:
-            pid, started = launch(self._id, self._roots, spec)
+            pid, started, netns_pid = launch(self._id, self._roots, spec)
         except BaseException as e:
             reg.execute("UPDATE containers SET state='created' WHERE id=?", (self._id,))
             if isinstance(e, OSError):
@@ -281,7 +281,7 @@ class Container:
         endpoints = json.loads(row["config"]).get("EndpointList") or []
         if endpoints:
             try:
-                self._attach(endpoints, pid, spec["root"]["path"])
+                self._attach(endpoints, netns_pid, spec["root"]["path"])
             except BaseException:
                 with contextlib.suppress(HcsError):
                     self.terminate()
@@ -290,12 +290,12 @@ class Container:
 
     # -- networking ----------------------------------------------------------------------
 
-    def _attach(self, endpoint_ids: list[str], supervisor_pid: int, rootfs: str) -> None:
-        """Plug endpoints into the container's network namespace (the supervisor's) and
+    def _attach(self, endpoint_ids: list[str], netns_pid: int, rootfs: str) -> None:
+        """Plug endpoints into the container's network namespace (that of *netns_pid*) and
         write the first one's DNS settings to its /etc/resolv.conf."""
         from .. import _network  # pyroute2 is loaded only by containers that network
 
-        netns = f"/proc/{supervisor_pid}/ns/net"
+        netns = f"/proc/{netns_pid}/ns/net"
         done: list[str] = []
         try:
             for ep in endpoint_ids:
@@ -350,8 +350,8 @@ class Container:
         from .. import _network
 
         if kind == "Add":
-            self._attach([settings], row["supervisor_pid"],
-                         self._spec_root())
+            reply, _ = self._call("Modify", {"op": "netns"})
+            self._attach([settings], int(reply["pid"]), self._spec_root())
         else:
             _network.detach_endpoint(settings, self._id, roots=self._roots)
 

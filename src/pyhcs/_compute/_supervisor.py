@@ -1,17 +1,16 @@
-"""The supervisor: one per running container, the parent of all its processes.
+"""The supervisor: the parent of all of a container's processes.
 
-It is forked ahead of need (a new session, no inherited fds: it outlives its client): each
-client keeps one spare supervisor idle, hands it the next container to start and has the
-next spare forked meanwhile, by a forker process of its own (see "the spare supervisor"
-below). It owns the
-container's namespaces and cgroup, reaps every process it spawns, records exits in the
-run directory and serves clients over a unix socket there. Clients
-may come and go; nothing is lost when the creating client exits. When the container's
-init exits (or the container is terminated) the supervisor records the result, removes the
-cgroup, answers every waiter, and exits.
+A client forks one supervisor process and hands it every native container it starts
+(see "the supervisor process" below); it outlives its client (a new session, no
+inherited fds). For each container it owns the namespaces and cgroup, reaps every
+process it spawns, records exits in the run directory and serves clients over a unix
+socket there. Clients may come and go; nothing is lost when the creating client exits.
+When a container's init exits (or the container is terminated) the supervisor records
+the result, removes the cgroup and answers every waiter; once its client has let go of it
+and its last container has ended, the process exits.
 
-If the supervisor itself is killed, the container's init dies with it (PDEATHSIG) and the
-next client to look finds the supervisor gone and runs recovery: exit code 255.
+If the supervisor process itself is killed, its containers' inits die with it (PDEATHSIG)
+and the next client to look finds the supervisor gone and runs recovery: exit code 255.
 """
 
 from __future__ import annotations
@@ -27,13 +26,13 @@ import selectors
 import signal
 import socket
 import struct
-import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from .. import _linux as L
 from .._errors import WAIT_ERR_EXEC_FAILED
@@ -55,8 +54,8 @@ from .._runtime._spec import NAMESPACES
 from . import _protocol as P
 from ._log import ContainerLog
 
-__all__ = ["close_spare", "keep_spare", "launch", "process_start_time", "read_status",
-           "reap_supervisors", "SUPERVISOR_SOCKET", "STATUS_FILE"]
+__all__ = ["close_supervisor", "launch", "prepare_ahead", "process_start_time", "read_status",
+           "reap_supervisors", "supervisor_pid", "SUPERVISOR_SOCKET", "STATUS_FILE"]
 
 SUPERVISOR_SOCKET = "sup.sock"
 #: The supervisor's record of the container, replaced atomically on every change. The
@@ -149,15 +148,21 @@ class _Proc:
 
 
 class Supervisor:
+    """One container: its sandbox, processes and clients, served by the host process's
+    event loop (:class:`_Host`) through the selector *sel* it shares with the other
+    containers there. Errors that no client can be told of go to *err*."""
+
     def __init__(self, container_id: str, roots: Roots, spec: dict[str, Any],
-                 seccomp_bpf: bytes = b"", stub: Stub | None = None) -> None:
+                 sel: selectors.BaseSelector, err: io.TextIOBase, seccomp_bpf: bytes = b"",
+                 stub: Stub | None = None) -> None:
         self.id = container_id
         self.stub = stub  # the namespaces and pid 1 made ahead, if any (native only)
         self.seccomp_bpf = seccomp_bpf
         self.roots = roots
         self.spec = spec
         self.run_dir = roots.container_run_dir(container_id)
-        self.sel = selectors.DefaultSelector()
+        self.sel = sel
+        self.err = err
         self.procs: dict[int, _Proc] = {}  # by host pid
         self.init_pid = 0
         self.stub_fd = -1  # watches pid 1 until it runs the first process
@@ -178,7 +183,8 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        # the socket first, in the host's mount namespace (create_sandbox makes ours)
+        # the socket first, in the host's mount namespace (an OCI runtime's create_sandbox
+        # moves this process out of it)
         self._listen()
         try:
             # executor choice: the spec names an OCI runtime or not (native); _oci is
@@ -190,9 +196,9 @@ class Supervisor:
             else:
                 from .._runtime import _oci
 
-                if stub is not None:  # launch never sends an OCI runtime's container here
+                if stub is not None:  # _Host never gives an OCI runtime's container one
                     discard_stub(stub)
-                    raise OSError(errno.EINVAL, "an OCI runtime needs the host's namespaces")
+                    raise OSError(errno.EINVAL, "an OCI runtime's container has no stub")
 
                 self.sandbox = _oci.create_sandbox(self.id, self.spec, self.run_dir)
                 self._spawn, self._destroy = _oci.spawn, _oci.destroy_sandbox
@@ -204,7 +210,7 @@ class Supervisor:
         # say), the container has ended: watched from now, not from the first process on.
         if self.sandbox.init_pid:
             self.stub_fd = os.pidfd_open(self.sandbox.init_pid)
-            self.sel.register(self.stub_fd, selectors.EVENT_READ, ("stub", None))
+            self._watch(self.stub_fd, "stub")
         # no status file yet: the client records 'running' itself, and a missing file with
         # a live supervisor means just that
         self.started = time.time()
@@ -247,7 +253,18 @@ class Supervisor:
         os.chmod(path, 0o600)
         self.listener.listen(64)
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        self._watch(self.listener, "accept")
+
+    def _watch(self, fileobj: int | socket.socket, kind: str, obj: Any = None) -> None:
+        self.sel.register(fileobj, selectors.EVENT_READ, (self, kind, obj))
+
+    @property
+    def netns_pid(self) -> int:
+        """A process in the container's network namespace: pid 1 (an OCI runtime's
+        container: this process, whose namespace the runtime was given)."""
+        if self._spawn is spawn and self.sandbox is not None:
+            return self.sandbox.init_pid
+        return os.getpid()
 
     def _status(self, state: str, **extra: Any) -> dict[str, Any]:
         return {
@@ -266,25 +283,33 @@ class Supervisor:
         tmp.write_text(json.dumps(status))
         os.rename(tmp, self.run_dir / STATUS_FILE)
 
-    def loop(self) -> None:
-        while not self.done:
-            for key, _ in self.sel.select():
-                kind, obj = key.data
-                try:
-                    if kind == "accept":
-                        self._accept()
-                    elif kind == "conn":
-                        self._serve(key.fileobj)  # type: ignore[arg-type]
-                    elif kind == "exit":
-                        self._reap(obj)
-                    elif kind == "stub":
-                        self._stub_exited()
-                    elif kind == "log":
-                        self._drain_log(obj)
-                except Exception:
-                    traceback.print_exc()
-            if self.stopping and not self.procs_alive():
+    def handle(self, kind: str, obj: Any, fileobj: Any) -> None:
+        """One event of ours from the host's loop; once the container has ended, release
+        it (then :attr:`done`)."""
+        if self.done:
+            return  # an event of the same round, after the end
+        try:
+            if kind == "accept":
+                self._accept()
+            elif kind == "conn":
+                self._serve(fileobj)
+            elif kind == "exit":
+                self._reap(obj)
+            elif kind == "stub":
+                self._stub_exited()
+            elif kind == "log":
+                self._drain_log(obj)
+        except Exception:
+            traceback.print_exc(file=self.err)
+        if self.stopping and not self.procs_alive():
+            try:
                 self._finish()
+            except Exception:
+                # nothing more can be done for this container; the others go on
+                traceback.print_exc(file=self.err)
+                for key in [k for k in self.sel.get_map().values() if k.data[0] is self]:
+                    self.sel.unregister(key.fileobj)
+                self.done = True
 
     def procs_alive(self) -> bool:
         return any(p.exit_code is None for p in self.procs.values())
@@ -314,7 +339,8 @@ class Supervisor:
         self.container_waiters.clear()
         self._write_status(status)
         for key in list(self.sel.get_map().values()):
-            if key.data[0] == "conn":  # a request we will not serve: the client reads the record
+            if key.data[:2] == (self, "conn"):
+                # a request we will not serve: the client reads the record
                 self._drop(key.fileobj)  # type: ignore[arg-type]
         if self.listener is not None:
             self.sel.unregister(self.listener)
@@ -337,7 +363,7 @@ class Supervisor:
         except BlockingIOError:
             return
         conn.setblocking(True)
-        self.sel.register(conn, selectors.EVENT_READ, ("conn", None))
+        self._watch(conn, "conn")
 
     def _drop(self, conn: socket.socket) -> None:
         try:
@@ -381,7 +407,7 @@ class Supervisor:
         except OSError as e:
             self._reply(conn, {"error": str(e), "errno": e.errno or errno.EIO})
         except Exception as e:
-            traceback.print_exc()
+            traceback.print_exc(file=self.err)
             self._reply(conn, {"error": f"{type(e).__name__}: {e}", "errno": errno.EIO})
 
     def _find(self, req: dict[str, Any]) -> _Proc:
@@ -460,7 +486,7 @@ class Supervisor:
         if process.get("terminal"):
             p.console = os.dup(ours["stdin"])
         self.procs[result.pid] = p
-        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", result.pid))
+        self._watch(pidfd, "exit", result.pid)
         fds, which = p.client_fds()
         self._reply(conn, {"pid": p.inner_pid, "host_pid": p.pid, "init": first,
                            "exec_error": result.exec_error, "exec_errno": result.exec_errno,
@@ -475,7 +501,7 @@ class Supervisor:
             self.log = ContainerLog(self.run_dir)
         r, w = self.log.pipe()
         child_fds.append(w)
-        self.sel.register(r, selectors.EVENT_READ, ("log", r))
+        self._watch(r, "log", r)
         return w
 
     def _drain_log(self, r: int) -> None:
@@ -493,10 +519,11 @@ class Supervisor:
     def _openpty(self) -> tuple[int, int]:
         """A pty from the container's own devpts (so it has a name inside, and the
         container holds nothing of the host's), else from the host's."""
-        ptmx = os.path.join(self.spec["root"]["path"], "dev/pts/ptmx")
-        if self._spawn is not spawn or not os.path.exists(ptmx):
+        pts = getattr(self.sandbox, "pts_dir", -1)  # an OCI runtime's sandbox has none
+        if self._spawn is not spawn or pts < 0:
             return os.openpty()  # an OCI runtime hands back its own console
-        master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        master = os.open("ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pts)
         try:
             fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
             # the peer by fd, not by a path the container could have replaced
@@ -541,6 +568,9 @@ class Supervisor:
             self._reply(conn, {"exit_code": p.exit_code})
         else:
             p.waiters.append(conn)
+
+    def _op_netns(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        self._reply(conn, {"pid": self.netns_pid})
 
     def _op_process(self, conn: socket.socket, req: dict[str, Any]) -> None:
         p = self._find(req)
@@ -645,211 +675,198 @@ def reap_supervisors() -> None:
             _children.discard(pid)
 
 
-# -- the spare supervisor ------------------------------------------------------------------
+# -- the supervisor process -----------------------------------------------------------------
 #
-# A forked Python process spends milliseconds copying the pages it writes to before it does
-# anything useful, and detaching costs more. So a client keeps one supervisor forked
-# ahead of need: detached and idle, it waits on a socket for the container it will
-# supervise. Starting a container hands the spare its work and asks for the next spare
-# while the container starts. A spare exits when its client closes the socket or exits.
+# A client forks one supervisor process, the first time it starts a native container, and
+# hands it every native container it starts after that over one socket (the link). That
+# process serves all of them from one event loop (_Host), so a running container costs a
+# few objects and fds, not a Python process (conmon and containerd's shim are the
+# anchors: well under a MiB each). It leaves the host's namespaces only for a moment, to
+# set up a root filesystem's mounts or to fork into a container's pid namespace.
 #
-# While it waits, a spare also makes what every native container needs and no spec changes:
-# the pid, net, ipc and uts namespaces, the loopback device up, and the container's pid 1
-# (see _native.prepare_stub). So those are off the start path too. It cannot leave those
-# namespaces again: a container on an OCI runtime, or with other namespaces, gets a
-# supervisor forked for it instead, and the spare waits for the next one.
+# After each container it starts it also makes what the next native container needs and
+# no spec changes: pid 1 in new pid, net, ipc and uts namespaces with loopback up (see
+# _native.prepare_stub). So those are off the start path too.
 #
-# Spares are not forked by the client itself but by its forker, a child forked once that
-# only forks spares. A fork marks every page of the forking process copy-on-write, so a
-# client that forked each spare itself would pay a page fault for every page it wrote to
-# afterwards, on its own start path, once per container. The forker writes next to
-# nothing between forks. It reaps the supervisors it forked and, once its client has gone,
-# stays until they have all ended, so that no finished supervisor is left unreaped.
+# When the client closes the link (close_supervisor, or its exit) the process stays until
+# its containers have ended, then exits. If it is killed, its containers' pid 1s die with
+# it (PDEATHSIG) and the next client to look reports each one exited with 255.
+#
+# A container on an OCI runtime gets a supervisor process of its own instead: the runtime
+# needs the process's mount and network namespaces, its SIGCHLD handler and its
+# subreaper bit (see _runtime._oci).
 
-#: the namespaces a spare makes ahead: those of every container pyhcs specifies
-_SPARE_FLAGS = namespace_flags({"linux": {"namespaces": [{"type": t} for t in NAMESPACES]}})
+#: the namespaces made ahead: those of every container pyhcs specifies
+_AHEAD_FLAGS = namespace_flags({"linux": {"namespaces": [{"type": t} for t in NAMESPACES]}})
 
 
 @dataclass
-class _Spare:
+class _Link:
+    """The client's end of its supervisor process."""
+
     pid: int
     sock: socket.socket
-    flags: int  #: the namespaces it made ahead (0: none, it can start any container)
-    ours: bool = True  #: our child (forked here), not the forker's
 
 
-@dataclass
-class _Forker:
-    pid: int
-    sock: socket.socket
-    pending: bool = False  #: a spare was asked for and its reply not read yet
+_link: _Link | None = None
+_link_lock = threading.Lock()  # one container at a time on the link: request, then reply
+_ahead = True
 
 
-_spare: _Spare | None = None
-_forker: _Forker | None = None
-_keep_spare = True
+def prepare_ahead(enabled: bool) -> None:
+    """Whether this process's supervisor prepares the next container's namespaces and pid 1
+    ahead, after each start (the default). A program that starts one container and exits
+    (the CLI) gains nothing from it."""
+    global _ahead
+    _ahead = enabled
 
 
-def keep_spare(enabled: bool) -> None:
-    """Whether this process keeps a spare supervisor forked ahead (the default). A program
-    that starts one container and exits (the CLI) gains nothing from one."""
-    global _keep_spare
-    _keep_spare = enabled
-    if not enabled:
-        close_spare()
-
-
-def close_spare() -> None:
-    """End this process's spare supervisor and its forker, if any, and wait for them to
-    go (the forker stays while supervisors of running containers that it forked live)."""
-    global _spare, _forker
-    spare, _spare = _spare, None
-    forker, _forker = _forker, None
-    if forker is not None and forker.pending and spare is None:
-        spare = _receive_spare(forker)
-    if spare is not None:
-        _end_spare(spare)
-    if forker is not None:
-        forker.sock.close()  # it sees end of file and exits, once its supervisors have
-        deadline = time.monotonic() + 1
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(forker.pid, os.WNOHANG)[0]:
-                    _children.discard(forker.pid)
-                    break
-            time.sleep(0.002)
-
-
-def _end_spare(spare: _Spare) -> None:
-    spare.sock.close()  # the spare sees end of file and exits
-    if spare.ours:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(spare.pid, 0)
-        _children.discard(spare.pid)
-        return
-    try:  # the forker's child: wait for its end without reaping it
-        fd = os.pidfd_open(spare.pid)
-    except ProcessLookupError:
+def close_supervisor() -> None:
+    """Let go of this process's supervisor: it exits once its running containers have
+    ended; if it has none, this returns once it has exited (or after a second). The next
+    start forks a new one."""
+    global _link
+    with _link_lock:
+        link, _link = _link, None
+    if link is None:
         return
     try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            sel.select(10)
-    finally:
-        os.close(fd)
-
-
-def _forget_spare_after_fork() -> None:
-    # A child of this process (the application's fork, a supervisor, the forker) must not
-    # hand work to our spare or ask our forker for one: drop its copies of the sockets.
-    global _spare, _forker
-    for held in (_spare, _forker):
-        if held is not None:
-            with contextlib.suppress(OSError):
-                held.sock.close()
-    _spare = _forker = None
-
-
-os.register_at_fork(after_in_child=_forget_spare_after_fork)
-
-
-def _ask_forker() -> None:
-    """Ask the forker (forked now if there is none) for the next spare; its reply is read
-    when the spare is needed (:func:`_take_spare`)."""
-    global _forker
-    if _forker is None:
-        _before_fork()
-        ours, theirs = socket.socketpair(socket.AF_UNIX,
-                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        pid = _fork_child(_forker_main, theirs, close=(ours,))
-        theirs.close()
-        _children.add(pid)
-        _forker = _Forker(pid, ours)
-    try:
-        _forker.sock.send(b"%d" % _SPARE_FLAGS, socket.MSG_NOSIGNAL)
-        _forker.pending = True
-    except OSError:  # it died (killed by someone): the next start forks its own
-        _drop_forker()
-
-
-def _drop_forker() -> None:
-    global _forker
-    if _forker is not None:
-        _forker.sock.close()
-        _forker = None
-
-
-def _receive_spare(forker: _Forker) -> _Spare | None:
-    forker.pending = False
-    try:
-        msg, fds, _, _ = socket.recv_fds(forker.sock, 64, 1)
+        link.sock.shutdown(socket.SHUT_WR)  # it sees end of file, and answers if it stays
+        link.sock.settimeout(1)
+        staying = link.sock.recv(1)
     except OSError:
-        msg, fds = b"", []
-    if not msg or not fds:
-        for fd in fds:
-            os.close(fd)
-        _drop_forker()
-        return None
-    pid, flags = struct.unpack("<ii", msg)
-    return _Spare(pid, socket.socket(fileno=fds[0]), flags, ours=False)
+        staying = b""
+    link.sock.close()
+    if staying:
+        return  # it has containers still running
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(link.pid, os.WNOHANG)[0]:
+                _children.discard(link.pid)
+                return
+        time.sleep(0.002)
 
 
-def spare_pid() -> int | None:
-    """The pid of this process's spare supervisor, if it has one (for tests and
-    diagnostics; a spare asked of the forker is received first)."""
-    global _spare
-    if _spare is None:
-        _spare = _take_spare()
-    return _spare.pid if _spare is not None else None
+def supervisor_pid() -> int | None:
+    """The pid of this process's supervisor, if it has one (for tests and diagnostics)."""
+    link = _link
+    return link.pid if link is not None else None
 
 
-def _take_spare() -> _Spare | None:
-    """The spare to start the next container: the one at hand, or the forker's reply."""
-    global _spare
-    spare, _spare = _spare, None
-    if spare is None and _forker is not None and _forker.pending:
-        spare = _receive_spare(_forker)
-    return spare
+def _forget_link_after_fork() -> None:
+    # A child of this process (the application's fork, a supervisor) must not hand work to
+    # our supervisor: drop its copy of the link.
+    global _link, _link_lock
+    if _link is not None:
+        with contextlib.suppress(OSError):
+            _link.sock.close()
+    _link = None
+    _link_lock = threading.Lock()  # another thread may have held it at the fork
 
 
-def _forker_main(sock: socket.socket) -> int:
-    """Fork a spare for each request on *sock* and send back its socket, until the client
-    closes *sock*; then wait for every supervisor forked here to end."""
+os.register_at_fork(after_in_child=_forget_link_after_fork)
+
+
+class _Host:
+    """The supervisor process's event loop: the jobs from its client's link and the events
+    of every container it supervises, in one selector."""
+
+    def __init__(self, link: socket.socket) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.link: socket.socket | None = link
+        self.sel.register(link, selectors.EVENT_READ, (None, "job", None))
+        self.containers: set[Supervisor] = set()
+        self.stub: Stub | None = None  # the next container's pid 1, made ahead
+
+    def run(self) -> None:
+        while self.link is not None or self.containers:
+            for key, _ in self.sel.select():
+                sup, kind, obj = key.data
+                if sup is None:
+                    try:
+                        self._job()
+                    except Exception:  # never at the cost of the containers running here
+                        traceback.print_exc()
+                    continue
+                sup.handle(kind, obj, key.fileobj)
+                if sup.done and sup in self.containers:
+                    self.containers.discard(sup)
+                    sup.err.close()
+        if self.stub is not None:
+            discard_stub(self.stub)
+
+    def _close_link(self) -> None:
+        if self.link is not None:
+            self.sel.unregister(self.link)
+            self.link.close()
+            self.link = None
+
+    def _job(self) -> None:
+        assert self.link is not None
+        try:
+            data = _recv_frame(self.link)
+        except OSError:
+            data = b""
+        if not data:  # our client let go of us, or exited
+            if self.containers:
+                with contextlib.suppress(OSError):
+                    self.link.send(b"s", socket.MSG_NOSIGNAL)  # staying (close_supervisor)
+            self._close_link()
+            if self.stub is not None:
+                discard_stub(self.stub)
+                self.stub = None
+            return
+        job = json.loads(data)
+        reply = self._start(job)
+        try:
+            _send_frame(self.link, json.dumps(reply).encode())
+        except OSError:
+            self._close_link()  # the client is gone; its container runs on
+            return
+        if job["native"] and job["ahead"] and self.stub is None:
+            try:
+                self.stub = prepare_stub(_AHEAD_FLAGS)
+            except OSError:
+                traceback.print_exc()  # the next start makes its own
+        if not job["native"]:
+            self._close_link()  # an OCI runtime's container has this process to itself
+
+    def _start(self, job: dict[str, Any]) -> dict[str, Any]:
+        # the client's environment now, not when we were forked (PYHCS_* settings)
+        if os.environ != job["env"]:
+            os.environ.clear()
+            os.environ.update(job["env"])
+        roots = Roots(Path(job["root"]), Path(job["run_root"]))
+        container_id, spec = job["id"], job["spec"]
+        err = _LazyLog(roots.container_run_dir(container_id) / "supervisor.log")
+        stub = None
+        if job["native"] and self.stub is not None \
+                and self.stub.flags == namespace_flags(spec):
+            stub, self.stub = self.stub, None
+        try:
+            if not job["native"] and self.containers:
+                raise OSError(errno.EINVAL, "an OCI runtime's container needs its own "
+                              "supervisor process")
+            sup = Supervisor(container_id, roots, spec, self.sel, err,
+                             bytes.fromhex(job["bpf"]), stub)
+            sup.start()
+        except BaseException as e:
+            traceback.print_exc(file=err)
+            err.close()
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            return {"errno": code, "error": str(e)[:2000]}
+        self.containers.add(sup)
+        return {"pid": os.getpid(), "started": sup.started, "netns_pid": sup.netns_pid}
+
+
+def _host_main(sock: socket.socket) -> int:
+    """The supervisor process: serve the containers the client hands over on *sock*."""
+    _children.clear()
     _detach(sock.fileno())
     gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
-    # Supervisors end at any time: reap them as they do (SIGCHLD interrupts recv, which
-    # Python resumes after the handler).
-    signal.signal(signal.SIGCHLD, lambda *_: _reap_any())
-    while data := sock.recv(64):
-        flags = int(data)
-        ours, theirs = socket.socketpair(socket.AF_UNIX,
-                                         socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # (the child's SIGCHLD goes back to the default in _spare_main's _detach; the
-        # forker is single-threaded, so the spare can skip Python's after-fork work)
-        pid = _fork_child(_spare_main, theirs, flags, close=(sock, ours), bare=True)
-        theirs.close()
-        try:
-            socket.send_fds(sock, [struct.pack("<ii", pid, flags)], [ours.fileno()])
-        except OSError:
-            break
-        finally:
-            ours.close()
-    sock.close()
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 0
-
-
-def _reap_any() -> None:
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
-            return
+    _Host(sock).run()
+    return 0
 
 
 def _send_frame(sock: socket.socket, data: bytes) -> None:
@@ -880,19 +897,16 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _before_fork() -> None:
+
+def _fork_host() -> _Link:
     # chosen and read here, once, not in every forked supervisor
     cgroup_manager()
     cgroup_namespace_mounts()
-
-
-def _fork_spare(flags: int) -> _Spare:
-    _before_fork()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    pid = _fork_child(_spare_main, theirs, flags, close=(ours,))
+    pid = _fork_child(_host_main, theirs, close=(ours,))
     theirs.close()
     _children.add(pid)
-    return _Spare(pid, ours, flags)
+    return _Link(pid, ours)
 
 
 _OUTPUT_PIPE_BYTES = 1 << 20
@@ -905,7 +919,6 @@ def _widen_pipe(fd: int) -> None:
     unprivileged user over its pipe quota) it stays as it was."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _OUTPUT_PIPE_BYTES)
-
 
 def _fork_child(main: Callable[..., int], *args: Any,
                 close: tuple[socket.socket, ...] = (), bare: bool = False) -> int:
@@ -929,122 +942,91 @@ def _fork_child(main: Callable[..., int], *args: Any,
     return pid
 
 
-def _spare_main(sock: socket.socket, flags: int) -> int:
-    """Make the namespaces *flags* and pid 1 ahead, wait for a container to supervise,
-    start it, report, and supervise it to the end."""
-    _children.clear()
-    _detach(sock.fileno())
-    gc.freeze()  # the inherited heap stays shared with the client (no GC writes)
-    # If this fails the spare just exits: its client then forks a supervisor for the
-    # container, which makes the namespaces itself and reports what went wrong.
-    stub = prepare_stub(flags) if flags else None
-    try:
-        data = _recv_frame(sock)
-    except OSError:
-        data = b""
-    if not data:
-        if stub is not None:
-            discard_stub(stub)
-        return 0  # our client closed us or exited: never needed
-    job = json.loads(data)
-    # the client's environment now, not when we were forked (PYHCS_* settings)
-    if os.environ != job["env"]:
-        os.environ.clear()
-        os.environ.update(job["env"])
-    roots = Roots(Path(job["root"]), Path(job["run_root"]))
-    container_id = job["id"]
-    sys.stdout = sys.stderr = _LazyLog(roots.container_run_dir(container_id) / "supervisor.log")
-    try:
-        sup = Supervisor(container_id, roots, job["spec"], bytes.fromhex(job["bpf"]), stub)
-        sup.start()
-    except BaseException as e:
-        traceback.print_exc()
-        code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-        _send_frame(sock, json.dumps({"errno": code, "error": str(e)[:2000]}).encode())
-        return 1
-    _send_frame(sock, json.dumps({"pid": os.getpid(), "started": sup.started}).encode())
-    sock.close()  # the client's; the container is served through the supervisor's socket
-    sup.loop()
-    return 0
-
 
 class _LazyLog(io.TextIOBase):
-    """The supervisor's stderr: ``supervisor.log`` in the run directory, made at the first
-    write (most supervisors never write one), and then fd 2 as well."""
+    """A container's supervisor errors: ``supervisor.log`` in its run directory, made at
+    the first write (most containers never have one)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._file: TextIO | None = None
+        self._fd = -1
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        if self._file is None:
+        if self._fd < 0:
             try:
-                fd = os.open(self._path,
-                             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                   | os.O_CLOEXEC, 0o600)
             except OSError:
                 return len(text)  # the run directory is gone (the container was removed)
-            os.dup2(fd, 2)
-            os.close(fd)
-            self._file = open(2, "w", closefd=False)  # noqa: SIM115
-        n = self._file.write(text)
-        self._file.flush()
-        return n
+        with contextlib.suppress(OSError):
+            os.write(self._fd, text.encode(errors="replace"))
+        return len(text)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
 
 
-def _hand_over(sup: _Spare, job: bytes, *, ask_next: bool) -> bytes | None:
-    """Give *sup* the container to start and return its report (b"" if it died while
-    starting it), or None if it died before it took the work: nothing was started."""
+def _exchange(link: _Link, job: bytes) -> bytes | None:
+    """Give *link*'s supervisor the container to start and return its report (b"" if it
+    died while starting it), or None if it died before it took the work: nothing was
+    started."""
     try:
-        try:
-            _send_frame(sup.sock, job)
-        except (BrokenPipeError, ConnectionResetError):
-            return None
-        if ask_next:
-            _ask_forker()  # the next container's supervisor, forked while this one starts
-        try:
-            return _recv_frame(sup.sock)
-        except ConnectionResetError:
-            return None  # closed with our work unread in its socket: it never started
-    finally:
-        sup.sock.close()
+        _send_frame(link.sock, job)
+    except (BrokenPipeError, ConnectionResetError):
+        return None
+    try:
+        return _recv_frame(link.sock)
+    except ConnectionResetError:
+        return None  # closed with our work unread in its socket: it never started
 
 
-def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float]:
-    """Start the container *container_id* under a supervisor of its own (this process's
-    spare, or one forked now).
+def launch(container_id: str, roots: Roots, spec: dict[str, Any]) -> tuple[int, float, int]:
+    """Start the container *container_id* under this process's supervisor (forked now if
+    there is none; an OCI runtime's container gets one of its own).
 
-    Returns the supervisor's pid and the time the container started.
+    Returns the supervisor's pid, the time the container started, and the pid of a process
+    in the container's network namespace.
 
     Raises ``OSError`` with the supervisor's reason if the container could not start.
     """
-    global _spare
+    global _link
     reap_supervisors()
     profile = spec.get("linux", {}).get("seccomp")
     # compiled here, where the result is remembered for the next container
     bpf = compile_seccomp(profile, cache_dir=roots.run_root) if profile else b""
+    # executor choice: an OCI runtime's container needs a supervisor process of its own
+    native = _RUNTIME_ANNOTATION not in spec.get("annotations", {})
     job = json.dumps({"id": container_id, "root": str(roots.root),
                       "run_root": str(roots.run_root), "spec": spec,
-                      "env": dict(os.environ), "bpf": bpf.hex()}).encode()
-    # executor choice: an OCI runtime's container needs a supervisor in the host's
-    # namespaces, a native one a supervisor that made the spec's
-    native = _RUNTIME_ANNOTATION not in spec.get("annotations", {})
-    flags = namespace_flags(spec) if native else 0
-    spare = _take_spare()
-    if spare is not None and spare.flags != flags:
-        _spare = spare  # not made for this container: it waits for the next one
-        data = _hand_over(_fork_spare(flags), job, ask_next=False)
-    elif spare is not None:
-        data = _hand_over(spare, job, ask_next=_keep_spare)
-        if data is None:  # it died (killed by someone) before it read its work
-            data = _hand_over(_fork_spare(flags), job, ask_next=False)
+                      "env": dict(os.environ), "bpf": bpf.hex(), "native": native,
+                      "ahead": _ahead}).encode()
+    data: bytes | None
+    if not native:
+        link = _fork_host()
+        try:
+            data = _exchange(link, job)
+        finally:
+            link.sock.close()
     else:
-        data = _hand_over(_fork_spare(flags), job, ask_next=_keep_spare)
+        with _link_lock:
+            data = _exchange(_link, job) if _link is not None else None
+            if data is None:  # none yet, or it died (killed by someone) before it read this
+                if _link is not None:
+                    _link.sock.close()
+                _link = _fork_host()
+                data = _exchange(_link, job)
+            if not data and _link is not None:
+                _link.sock.close()  # it died while starting the container
+                _link = None
     if not data:
         raise OSError(errno.EIO, "the supervisor died while starting the container")
     msg = json.loads(data)
     if "error" in msg:
         raise OSError(msg["errno"], msg["error"])
-    return int(msg["pid"]), float(msg["started"])
+    return int(msg["pid"]), float(msg["started"]), int(msg["netns_pid"])

@@ -1,17 +1,19 @@
 """The native executor: runs an OCI runtime spec with namespaces, mounts and cgroups.
 
 A started container is a :class:`Sandbox`: its cgroup, the namespaces it lives in, and its
-pid 1. The supervisor builds it itself: it unshares the uts, ipc, net and pid namespaces
-and forks pid 1, the first process of the new pid namespace (a :class:`Stub`: made ahead,
-before the container is known, by a spare supervisor); then it unshares the mount
-namespace, sets up the root filesystem's mounts and makes the cgroup. Pid 1 joins the
-supervisor's mount namespace and the cgroup, takes its own mount and cgroup namespaces,
-pivots into the root filesystem, mounts /proc and waits for the container's first
-process, which it becomes by exec. Later processes are the supervisor's own forks:
-born in the pid namespace, they join the cgroup and the mount and cgroup namespaces of
-pid 1. So the supervisor is the parent of every process it starts and reaps each exit
-itself; when pid 1 exits the kernel ends the rest of the container. The supervisor stays
-out of the cgroup (pausing the container must not freeze it) and keeps the host's root.
+pid 1. The supervisor builds it and stays in the host's namespaces itself, so that one
+supervisor can serve many containers. It forks pid 1 into a new pid namespace (a
+:class:`Stub`: made ahead, before the container is known, by a supervisor that expects
+more containers); pid 1 makes the uts, ipc and net namespaces itself. The supervisor
+then sets up the root filesystem's mounts in a new mount namespace, which it leaves
+again at once, and makes the cgroup. Pid 1 joins that mount namespace and the cgroup,
+takes its own mount and cgroup namespaces, pivots into the root filesystem, mounts /proc
+and waits for the container's first process, which it becomes by exec. Later processes
+are the supervisor's own forks: born in pid 1's pid namespace (the supervisor sets its
+pid_for_children for the fork), they join the cgroup and pid 1's other namespaces. So
+the supervisor is the parent of every process it starts and reaps each exit itself;
+when pid 1 exits the kernel ends the rest of the container. The supervisor stays out of
+the cgroup (pausing the container must not freeze it) and keeps the host's root.
 
 Everything that runs between fork and exec is careful: no exception may unwind into the
 parent's stack, so each child ends in ``os._exit``.
@@ -19,6 +21,7 @@ parent's stack, so each child ends in ``os._exit``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -28,6 +31,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +48,11 @@ __all__ = ["Sandbox", "SpawnResult", "Stub", "create_sandbox", "destroy_sandbox"
 _NS_FLAGS = {"ipc": L.CLONE_NEWIPC, "uts": L.CLONE_NEWUTS, "net": L.CLONE_NEWNET,
              "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID,
              "user": L.CLONE_NEWUSER}
-# Made by pid 1 itself, after the supervisor's other namespaces (see _init_stub).
-_PID1_NAMESPACES = L.CLONE_NEWCGROUP | L.CLONE_NEWNS | L.CLONE_NEWUSER
+# Made by pid 1 itself, at once (see _init_stub): the supervisor stays in the host's.
+_PID1_FIRST = L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET
+# The namespaces a later process joins (pid 1's), in this order: the user namespace
+# last, as joining it ends our privileges over the host's namespaces.
+_JOINED = ("net", "ipc", "uts", "cgroup", "mnt", "user")
 _MAX_SYMLINKS = 255
 _PASSWD_LIMIT = 1 << 20  # bytes of /etc/passwd or /etc/group we are willing to read
 _MAX_ID = MAX_ID  # ids at or past 2**31 are refused, never wrapped
@@ -62,11 +69,14 @@ class Sandbox:
     init_sock: socket.socket | None = None
     #: the cgroup files a single-threaded process writes "0" to, to move itself in
     join_files: list[str] = field(default_factory=list)
-    ns_fds: dict[str, int] = field(default_factory=dict)  # pid 1's mnt, cgroup (user)
+    #: pid 1's namespaces that are not the supervisor's (pid, net, ..., user), once it runs
+    ns_fds: dict[str, int] = field(default_factory=dict)
     #: the compiled seccomp filter every process installs right before exec (b"": none)
     seccomp_bpf: bytes = b""
     #: the uid_map and gid_map of pid 1's user namespace (None: the host's)
     id_maps: tuple[str, str] | None = None
+    #: an ``O_PATH`` fd of the container's devpts, where its consoles come from (-1: none)
+    pts_dir: int = -1
 
     def close(self) -> None:
         """Close the namespace fds and pid 1's socket (a pid 1 that is still waiting for
@@ -74,6 +84,9 @@ class Sandbox:
         for fd in self.ns_fds.values():
             os.close(fd)
         self.ns_fds.clear()
+        if self.pts_dir >= 0:
+            os.close(self.pts_dir)
+            self.pts_dir = -1
         if self.init_sock is not None:
             self.init_sock.close()
             self.init_sock = None
@@ -227,18 +240,29 @@ def _bring_up_loopback() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def _setup_rootfs(spec: dict[str, Any]) -> None:
-    """The root filesystem's mounts, made in the supervisor's new mount namespace."""
+def _setup_rootfs(spec: dict[str, Any]) -> int:
+    """The root filesystem's mounts, made in the supervisor's new mount namespace. Returns
+    an ``O_PATH`` fd of the container's devpts mount (-1: the spec has none): the
+    supervisor opens consoles through it after it has left the namespace."""
     root = spec["root"]["path"]
     L.mount(None, "/", None, L.MS_REC | L.MS_SLAVE, None)
     L.mount(root, root, None, L.MS_BIND | L.MS_REC, None)
-    for m in spec.get("mounts", []):
-        target = _mount_one(root, m)
-        if m["destination"] == "/dev":
-            _setup_dev(target)  # never root + "/dev": that path may be the image's symlink
-    for p in spec.get("linux", {}).get("maskedPaths", []):
-        if p.startswith("/sys/"):
-            _mask(secure_join(root, p))
+    pts = -1
+    try:
+        for m in spec.get("mounts", []):
+            target = _mount_one(root, m)
+            if m["destination"] == "/dev":
+                _setup_dev(target)  # never root + "/dev": that path may be the image's symlink
+            elif m.get("type") == "devpts" and pts < 0:
+                pts = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        for p in spec.get("linux", {}).get("maskedPaths", []):
+            if p.startswith("/sys/"):
+                _mask(secure_join(root, p))
+    except BaseException:
+        if pts >= 0:
+            os.close(pts)
+        raise
+    return pts
 
 
 def _pivot(spec: dict[str, Any]) -> None:
@@ -352,9 +376,9 @@ def _child_fail(fd: int, e: BaseException) -> None:
 class Stub:
     """Namespaces made ahead of a container, and its pid 1 waiting in them.
 
-    :func:`prepare_stub` makes it in a process that will become a container's supervisor
-    before it knows the container (see the spare supervisor in ``pyhcs._compute``):
-    everything that does not depend on the container's spec is then off the start path.
+    :func:`prepare_stub` makes it in the supervisor before the container is known (see
+    "the supervisor process" in ``pyhcs._compute._supervisor``): everything that does not
+    depend on the container's spec is then off the start path.
     """
 
     flags: int  #: the CLONE_NEW* namespaces made (the cgroup one is pid 1's own, later)
@@ -371,30 +395,54 @@ def namespace_flags(spec: dict[str, Any]) -> int:
 
 
 def prepare_stub(flags: int) -> Stub:
-    """Move this process into new namespaces (*flags*, but the mount and cgroup ones) and
-    fork the pid 1 that waits in them for :func:`create_sandbox`.
+    """Fork the pid 1 of a container with the namespaces *flags* (but the mount and cgroup
+    ones): in a new pid namespace, where pid 1 makes the net, ipc and uts namespaces itself
+    and brings up loopback. It then waits for :func:`create_sandbox`.
 
-    The mount namespace is left to :func:`create_sandbox`: a copy made now would miss
-    what the client mounts meanwhile (the container's root filesystem), and copying is
-    cheap. Call this once, in a single-threaded process that then serves as the
-    container's supervisor: it cannot leave the namespaces again. :func:`discard_stub`
-    ends pid 1 if no container comes.
+    This process stays in its own namespaces, so it can prepare any number of stubs. The
+    mount namespace is left to :func:`create_sandbox`: a copy made now would miss what the
+    client mounts meanwhile (the container's root filesystem), and copying is cheap. Call
+    it in a single-threaded process (the supervisor). :func:`discard_stub` ends pid 1 if
+    no container comes.
     """
-    L.unshare(flags & ~_PID1_NAMESPACES)  # pid: for pid 1 and the rest
-    if flags & L.CLONE_NEWNET:
-        _bring_up_loopback()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     L.prctl(L.PR_SET_DUMPABLE, 0)  # inherited by pid 1: see _fork_exec
     try:
-        pid = L.fork_bare()  # single-threaded here (above); pid 1 only waits and execs
-        if pid == 0:
-            _init_stub(theirs, ours)
+        with _pid_namespace_for_children(L.CLONE_NEWPID if flags & L.CLONE_NEWPID else -1):
+            pid = L.fork_bare()  # single-threaded here (above); pid 1 only waits and execs
+            if pid == 0:
+                _init_stub(theirs, ours, flags)  # never returns (nor leaves the block)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     return Stub(flags, pid, ours)
+
+
+@contextlib.contextmanager
+def _pid_namespace_for_children(target: int) -> Iterator[None]:
+    """Fork, inside the block, into another pid namespace, and come back to ours after.
+
+    *target*: a pid namespace's fd (a container's, to join), ``L.CLONE_NEWPID`` (a new
+    one, whose first child is its pid 1) or -1 (stay: nothing to do). Only our
+    pid_for_children changes; we ourselves never leave our pid namespace.
+    """
+    if target == -1:
+        yield
+        return
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if target == L.CLONE_NEWPID:
+            L.unshare(L.CLONE_NEWPID)
+        else:
+            L.setns(target, L.CLONE_NEWPID)
+        try:
+            yield
+        finally:
+            L.setns(own, L.CLONE_NEWPID)
+    finally:
+        os.close(own)
 
 
 def discard_stub(stub: Stub) -> None:
@@ -411,11 +459,9 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
     """Create the container's cgroup and namespaces and set up its pid 1.
 
     The caller is the supervisor (a single-threaded process that lives as long as the
-    container): it moves into the new mount, uts, ipc, net and pid namespaces itself, so
-    its later forks are born in them. Call it once per process. With a *stub* made by
-    :func:`prepare_stub` for the spec's namespaces, this process is in all of them but the
-    mount namespace already, and pid 1 waits. *seccomp_bpf* is the spec's
-    ``linux.seccomp`` compiled by
+    container); it stays in its own namespaces, so it can call this for any number of
+    containers. With a *stub* made by :func:`prepare_stub` for the spec's namespaces,
+    pid 1 is waiting already. *seccomp_bpf* is the spec's ``linux.seccomp`` compiled by
     :func:`pyhcs._runtime._seccomp.compile_seccomp` (compiling takes tens of milliseconds:
     the caller does it once, before it forks).
     """
@@ -425,33 +471,40 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
     elif stub.flags != flags:
         discard_stub(stub)
         raise OSError(errno.EINVAL, "the namespaces made ahead are not the container's")
-    mnt = -1
+    mnt = pts = -1
     try:
-        if flags & L.CLONE_NEWNS:
-            L.unshare(L.CLONE_NEWNS)
-            mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        if flags & L.CLONE_NEWUTS and spec.get("hostname"):
-            socket.sethostname(spec["hostname"])
-        _setup_rootfs(spec)
+        made = stub.sock.recv(4096)  # pid 1 has made its namespaces (at once, if ahead)
+        if made != b"namespaces":
+            raise _error_reply(made)
+        # sysfs shows the net namespace of whoever mounts it, an mqueue its ipc namespace:
+        # pid 1's, then
+        with _entered(stub.pid, [k for k in ("net", "ipc") if flags & _NS_FLAGS[k]]):
+            if flags & L.CLONE_NEWNS:
+                mnt, pts = _rootfs_namespace(spec)
+            else:
+                pts = _setup_rootfs(spec)
         try:
             cg = manager().create(container_id, _resources(spec))
         except FileExistsError:
             _wait_cgroup_released(container_id)
             cg = manager().create(container_id, _resources(spec))
     except BaseException:
-        if mnt >= 0:
-            os.close(mnt)
+        for fd in (mnt, pts):
+            if fd >= 0:
+                os.close(fd)
         discard_stub(stub)
         raise
     userns = UserNamespace.from_spec(spec.get("linux", {}))
     sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf,
-                 id_maps=userns.proc_maps() if userns is not None else None)
+                 id_maps=userns.proc_maps() if userns is not None else None, pts_dir=pts)
     try:
-        # what pid 1 needs of the spec (it was forked before there was one), and our mount
-        # namespace, which it joins before it makes its own copy to pivot in
+        # what pid 1 needs of the spec (it was forked before there was one), and the mount
+        # namespace with the root filesystem, which it joins before it makes its own copy
+        # to pivot in
         linux = spec.get("linux", {})
         setup = json.dumps({
-            "cgroup": sb.join_files, "flags": flags, "bpf": seccomp_bpf.hex(),
+            "cgroup": sb.join_files, "bpf": seccomp_bpf.hex(),
+            "hostname": spec.get("hostname", "") if flags & L.CLONE_NEWUTS else "",
             "spec": {"root": spec["root"], "mounts": spec.get("mounts", []),
                      "linux": {k: linux[k] for k in ("maskedPaths", "readonlyPaths")
                                if k in linux}},
@@ -464,6 +517,53 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
         if mnt >= 0:
             os.close(mnt)
     return sb
+
+
+@contextlib.contextmanager
+def _entered(pid: int, kinds: list[str]) -> Iterator[None]:
+    """Inside the block, be in the namespaces *kinds* (such as ``net``) of *pid*, and back
+    in our own after it."""
+    if not kinds:
+        yield
+        return
+    kind, rest = kinds[0], kinds[1:]
+    own = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            L.setns(target, _NS_FLAGS[kind])
+        finally:
+            os.close(target)
+        try:
+            with _entered(pid, rest):
+                yield
+        finally:
+            L.setns(own, _NS_FLAGS[kind])
+    finally:
+        os.close(own)
+
+
+def _rootfs_namespace(spec: dict[str, Any]) -> tuple[int, int]:
+    """A new mount namespace holding the root filesystem's mounts, as an fd, and the fd of
+    :func:`_setup_rootfs`; we ourselves are back in our own mount namespace when this
+    returns (or raises)."""
+    own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    mnt = -1
+    try:
+        L.unshare(L.CLONE_NEWNS)
+        try:
+            mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            pts = _setup_rootfs(spec)
+        finally:
+            L.setns(own, L.CLONE_NEWNS)  # (this also resets our root and cwd: to the host's)
+            os.chdir("/")
+    except BaseException:
+        if mnt >= 0:
+            os.close(mnt)  # the last reference: the namespace and its mounts go
+        raise
+    finally:
+        os.close(own)
+    return mnt, pts
 
 
 def _wait_cgroup_released(container_id: str, timeout: float = 5.0) -> None:
@@ -501,10 +601,11 @@ def destroy_sandbox(sb: Sandbox) -> None:
         pass
 
 
-def _init_stub(sock: socket.socket, other: socket.socket) -> None:
-    """Pid 1 before the first process: waits for its container's cgroup and spec (or its
-    socket's end: no container came), then goes into the cgroup, pivots and mounts /proc,
-    reports ready and execs on request."""
+def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
+    """Pid 1 before the first process: makes the uts, ipc and net namespaces of *flags*,
+    waits for its container's cgroup and spec (or its socket's end: no container came),
+    then goes into the cgroup, pivots and mounts /proc, reports ready and execs on
+    request."""
     seccomp_bpf = b""
     try:
         other.close()
@@ -513,11 +614,17 @@ def _init_stub(sock: socket.socket, other: socket.socket) -> None:
         _reset_signals()
         # nothing of the supervisor's (client sockets, pipes) may live on in pid 1
         L.close_range_from(3, keep=(sock.fileno(),))
+        L.unshare(flags & _PID1_FIRST)
+        if flags & L.CLONE_NEWNET:
+            _bring_up_loopback()
+        sock.send(b"namespaces")
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
         if not msg:
             os._exit(0)  # no container came, or its cgroup could not be made
         setup = json.loads(msg)
-        spec, flags = setup["spec"], setup["flags"]
+        spec = setup["spec"]
+        if setup["hostname"]:
+            socket.sethostname(setup["hostname"])
         seccomp_bpf = bytes.fromhex(setup["bpf"])
         if fds:  # the supervisor's mount namespace, with the root filesystem's mounts
             L.setns(fds[0], L.CLONE_NEWNS)
@@ -637,10 +744,9 @@ def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
         return _spawn_init(sb, process, stdio, console)
     if not sb.ns_fds:
         raise OSError(errno.ESRCH, "the container has stopped")
-    # the user namespace last: joining it ends our privileges over the host's namespaces
-    join = (sb.join_files, [(sb.ns_fds[n], _NS_FLAGS[n])
-                            for n in ("cgroup", "mnt", "user") if n in sb.ns_fds])
-    return _fork_exec(process, stdio, console=console, join=join, seccomp_bpf=sb.seccomp_bpf)
+    join = (sb.join_files, [(sb.ns_fds[n], _NS_FLAGS[n]) for n in _JOINED if n in sb.ns_fds])
+    return _fork_exec(process, stdio, console=console, join=join, seccomp_bpf=sb.seccomp_bpf,
+                      pid_ns=sb.ns_fds.get("pid", -1))
 
 
 def _error_reply(msg: bytes) -> OSError:
@@ -660,8 +766,11 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         if sb.id_maps is not None:  # pid 1 has made its user namespace: give it its ids
             L.write_id_maps(sb.init_pid, *sb.id_maps)
         # later processes join these; pid 1 may be gone by the time they come
-        for ns in ("cgroup", "mnt", "user") if sb.id_maps is not None else ("cgroup", "mnt"):
-            sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        own = _namespace_ids("self")
+        for ns, ident in _namespace_ids(str(sb.init_pid)).items():
+            if ident != own[ns]:
+                sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}",
+                                        os.O_RDONLY | os.O_CLOEXEC)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
         msg = sock.recv(1 << 16)  # nothing: it exec'd (the socket was close-on-exec)
     finally:
@@ -671,6 +780,11 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         err = _error_reply(msg)
         return SpawnResult(sb.init_pid, err.errno or errno.EIO, err.strerror or str(err))
     return SpawnResult(sb.init_pid)
+
+
+def _namespace_ids(pid: str) -> dict[str, str]:
+    """The namespaces a later process joins and the pid namespace, of *pid*, by name."""
+    return {ns: os.readlink(f"/proc/{pid}/ns/{ns}") for ns in ("pid", *_JOINED)}
 
 
 def _reset_signals() -> None:
@@ -694,9 +808,10 @@ def _prepare_exec(stdio: tuple[int, int, int], console: int, keep: int) -> None:
 
 
 def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console: int,
-               join: tuple[list[str], list[tuple[int, int]]], seccomp_bpf: bytes
-               ) -> SpawnResult:
-    """Fork a process that joins the container (cgroup, then namespaces) and execs."""
+               join: tuple[list[str], list[tuple[int, int]]], seccomp_bpf: bytes,
+               pid_ns: int) -> SpawnResult:
+    """Fork a process into the pid namespace *pid_ns* (-1: ours) that joins the container
+    (cgroup, then namespaces) and execs."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     # Until exec the child is the host's Python binary inside the container's pid
     # namespace: non-dumpable, its /proc/<pid>/exe is closed to container processes (they
@@ -705,22 +820,28 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
     # program dumpable again. The supervisor itself needs no core dumps or ptrace access.
     L.prctl(L.PR_SET_DUMPABLE, 0)
     try:
-        pid = L.fork_bare()  # the supervisor is single-threaded; the child only execs
+        with _pid_namespace_for_children(pid_ns):
+            try:
+                pid = L.fork_bare()  # the supervisor is single-threaded; the child only execs
+            except OSError as e:
+                if e.errno == errno.ENOMEM and pid_ns >= 0:  # the namespace's pid 1 is gone
+                    raise OSError(errno.ESRCH, "the container has stopped") from None
+                raise
+            if pid == 0:
+                try:
+                    _reset_signals()
+                    join_files, ns_fds = join
+                    _join_cgroup(join_files)
+                    for fd, flag in ns_fds:
+                        L.setns(fd, flag)
+                    _prepare_exec(stdio, console, err_w)
+                    _exec(process, seccomp_bpf)
+                except BaseException as e:
+                    _child_fail(err_w, e)
     except BaseException:
         os.close(err_r)
         os.close(err_w)
         raise
-    if pid == 0:
-        try:
-            _reset_signals()
-            join_files, ns_fds = join
-            _join_cgroup(join_files)
-            for fd, flag in ns_fds:
-                L.setns(fd, flag)
-            _prepare_exec(stdio, console, err_w)
-            _exec(process, seccomp_bpf)
-        except BaseException as e:
-            _child_fail(err_w, e)
     os.close(err_w)
     try:
         msg = b""

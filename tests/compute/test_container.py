@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -308,6 +309,39 @@ def test_one_supervisor_serves_the_clients_containers(make_container: Make) -> N
     cs[0].terminate()
     cs[0].wait(10)
     assert run(cs[1], "echo alive")[1] == b"alive\n"  # the others go on
+
+
+def test_a_running_container_remembers_its_last_exits(make_container: Make,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyhcs._compute import _supervisor
+
+    _own_supervisor()
+    monkeypatch.setattr(_supervisor, "KEPT_EXITS", 3)  # in the supervisor forked next
+    c = make_container()
+    c.start()
+    c.create_process(pyhcs.ProcessConfig(command_line="sleep 60")).close()
+    pids = []
+    for code in range(5):
+        p = c.create_process(pyhcs.ProcessConfig(command_line=f"sh -c 'exit {code}'"))
+        assert p.wait(10) == code
+        pids.append(p.pid)
+        p.close()
+    for pid in pids[:2]:  # forgotten: exec after exec does not grow the supervisor
+        with pytest.raises(pyhcs.ProcessError) as e:
+            c.open_process(pid)
+        assert pyhcs.is_not_exist(e.value)
+    assert [c.open_process(pid).exit_code() for pid in pids[2:]] == [2, 3, 4]
+    # a running container's record (written on pause and resume) holds its state only...
+    c.pause()
+    c.resume()
+    status = Path(os.environ["PYHCS_RUN_ROOT"], "containers", c.id, "status.json")
+    assert json.loads(status.read_text()).keys() == {"state", "pid", "start", "started",
+                                                     "exit_type"}
+    c.terminate()
+    c.wait(10)
+    # ...the final one the remembered exits, which the registry keeps
+    assert pyhcs.container_state(c.id)["state"] == "stopped"
+    assert [c.open_process(pid).exit_code() for pid in pids[2:]] == [2, 3, 4]
 
 
 def test_supervisor_takes_the_environment_at_start(make_container: Make,

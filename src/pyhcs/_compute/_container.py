@@ -528,7 +528,11 @@ class Container:
                        exec_errno=int(reply.get("exec_errno", 0)))
 
     def open_process(self, pid: int) -> Process:
-        """A handle to the process *pid* (as seen inside the container)."""
+        """A handle to the process *pid* (as seen inside the container).
+
+        A running container remembers its last 1,024 ended processes besides pid 1
+        (``_supervisor.KEPT_EXITS``); an older one raises the not-found error here, as a
+        process that never existed does."""
         self._check("OpenProcess")
         try:
             reply, _ = P.call(self._sock, {"op": "process", "pid": pid})

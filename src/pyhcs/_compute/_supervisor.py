@@ -15,6 +15,7 @@ and the next client to look finds the supervisor gone and runs recovery: exit co
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -62,6 +63,10 @@ SUPERVISOR_SOCKET = "sup.sock"
 #: supervisor never opens the registry: SQLite's per-process lock state does not survive
 #: fork(), so clients fold this file into the registry when they look (``_sync``).
 STATUS_FILE = "status.json"
+#: How many ended processes other than pid 1 a running container remembers (their exit
+#: codes, for open_process and the final record); older ones are forgotten, so that a
+#: container that runs exec after exec does not grow without bound.
+KEPT_EXITS = 1024
 #: _oci.RUNTIME_ANNOTATION, without importing _oci (only an OCI runtime's container needs it)
 _RUNTIME_ANNOTATION = "io.pyhcs.runtime"
 _TIOCSWINSZ = 0x5414
@@ -168,6 +173,7 @@ class Supervisor:
         self.stub_fd = -1  # watches pid 1 until it runs the first process
         self.stub_exit_code = 0  # how pid 1 ended if it never ran one
         self.container_waiters: list[socket.socket] = []
+        self.exited: collections.deque[_Proc] = collections.deque()  # exec'd, oldest first
         self.sandbox: Sandbox | None = None
         self.stopping = False
         self.done = False
@@ -267,15 +273,12 @@ class Supervisor:
         return os.getpid()
 
     def _status(self, state: str, **extra: Any) -> dict[str, Any]:
+        # A running container's record holds its state only: clients read nothing else
+        # from it until the final one (which _finish gives the processes' exits), and
+        # rewriting every exit into it made each exec cost more than the one before.
         return {
             "state": state, "pid": os.getpid(), "start": process_start_time(os.getpid()),
-            "started": self.started, "exit_type": self.exit_type,
-            "processes": [
-                {"pid": p.pid, "inner_pid": p.inner_pid, "config": p.config,
-                 "exit_code": p.exit_code, "created": p.created, "finished": p.finished}
-                for p in self.procs.values() if p.exit_code is not None
-            ],
-            **extra,
+            "started": self.started, "exit_type": self.exit_type, **extra,
         }
 
     def _write_status(self, status: dict[str, Any]) -> None:
@@ -328,7 +331,10 @@ class Supervisor:
                 except OSError:
                     pass
             self.exit_type = "OOMKilled" if oom and code == 137 else "Exited"
-        status = self._status("stopped", exit_code=code, finished=time.time())
+        status = self._status("stopped", exit_code=code, finished=time.time(), processes=[
+            {"pid": p.pid, "inner_pid": p.inner_pid, "config": p.config,
+             "exit_code": p.exit_code, "created": p.created, "finished": p.finished}
+            for p in self.procs.values() if p.exit_code is not None])
         # Every process is gone, so clients learn the end first: the waiters get the final
         # record itself (they fold it into the registry), the record is written, and the
         # socket goes, so a client that comes later finds no socket and reads the record
@@ -633,9 +639,12 @@ class Supervisor:
             if self.sandbox is not None:
                 self.sandbox.cgroup.kill_all()
         else:
-            # an exec'd process: its pipes are the clients' now; record its exit
-            p.close_fds()
-            self._write_status(self._status("paused" if self.paused else "running"))
+            p.close_fds()  # an exec'd process: its pipes are the clients' now
+            self.exited.append(p)
+            if len(self.exited) > KEPT_EXITS:  # forget the oldest exit
+                old = self.exited.popleft()
+                if self.procs.get(old.pid) is old:  # (not a newer process of the same pid)
+                    del self.procs[old.pid]
 
 
 def _resize(fd: int, width: int, height: int) -> None:

@@ -251,12 +251,20 @@ def bench_exec(api: Pyhcs, ocis: list[Oci], rounds: int) -> dict[str, dict[str, 
             k = i % len(names)
             for name in names[k:] + names[:k]:
                 times[name].append(timed(runners[name]))
-        return {k: summary(v) for k, v in times.items()}
+        return {k: {**summary(v), **drift(v)} for k, v in times.items()}
     finally:
         c.close()
         api.remove_all()
         for o in ocis:
             o.remove_all()
+
+
+def drift(values_ms: list[float]) -> dict[str, float]:
+    """The medians of the first and the last fifth of the rounds: an exec that costs more
+    the more execs the container has seen shows here."""
+    n = max(1, len(values_ms) // 5)
+    return {"first_fifth_median_ms": statistics.median(values_ms[:n]),
+            "last_fifth_median_ms": statistics.median(values_ms[-n:])}
 
 
 def bench_stats(api: Pyhcs, calls: int) -> dict[str, float]:
@@ -389,13 +397,15 @@ def report(r: dict[str, Any]) -> str:
                  f"{m['loadavg_1min_after']:.2f} after")
     ex = r["exec"]
     lines.append(f"\n(i) exec /bin/true in a running container, ms ({r['rounds']} rounds)")
-    lines.append(f"{'variant':<34} {'median':>8} {'min':>8} {'p90':>8} {'/crun':>7} {'/runc':>7}")
+    lines.append(f"{'variant':<34} {'median':>8} {'min':>8} {'p90':>8} {'/crun':>7} {'/runc':>7}"
+                 f" {'1st 5th':>8} {'last 5th':>8}")
     label = {"api": "pyhcs create_process + wait", "crun": "crun exec", "runc": "runc exec"}
     for k, s in ex.items():
         ratios = " ".join(f"{s['median_ms'] / ex[p]['median_ms']:>6.2f}x" if p in ex
                           else f"{'-':>7}" for p in ("crun", "runc"))
         lines.append(f"{label[k]:<34} {s['median_ms']:>8.2f} {s['min_ms']:>8.2f} "
-                     f"{s['p90_ms']:>8.2f} {ratios}")
+                     f"{s['p90_ms']:>8.2f} {ratios} {s['first_fifth_median_ms']:>8.2f} "
+                     f"{s['last_fifth_median_ms']:>8.2f}")
     st = r["stats"]
     lines.append(f"\n(ii) Container.statistics(), ms ({r['stats_calls']} calls): median "
                  f"{st['median_ms']:.3f}, min {st['min_ms']:.3f}, p90 {st['p90_ms']:.3f} "

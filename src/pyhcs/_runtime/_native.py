@@ -548,6 +548,9 @@ def _rootfs_namespace(spec: dict[str, Any]) -> tuple[int, int]:
     :func:`_setup_rootfs`; we ourselves are back in our own mount namespace when this
     returns (or raises)."""
     own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    # setns(2) into a mount namespace sets our root to the namespace's: a supervisor in a
+    # chroot (its client's) goes back into it, never above it
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     mnt = -1
     try:
         L.unshare(L.CLONE_NEWNS)
@@ -555,7 +558,9 @@ def _rootfs_namespace(spec: dict[str, Any]) -> tuple[int, int]:
             mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             pts = _setup_rootfs(spec)
         finally:
-            L.setns(own, L.CLONE_NEWNS)  # (this also resets our root and cwd: to the host's)
+            L.setns(own, L.CLONE_NEWNS)
+            os.fchdir(root)
+            os.chroot(".")
             os.chdir("/")
     except BaseException:
         if mnt >= 0:
@@ -563,6 +568,7 @@ def _rootfs_namespace(spec: dict[str, Any]) -> tuple[int, int]:
         raise
     finally:
         os.close(own)
+        os.close(root)
     return mnt, pts
 
 

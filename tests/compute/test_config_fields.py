@@ -10,7 +10,7 @@ import pytest
 
 import pyhcs
 from pyhcs._layers import DriverInfo, get_layer_mount_path
-from pyhcs._runtime._cgroups import block_device, manager
+from pyhcs._runtime._cgroups import block_device, manager, shares_to_weight
 
 from .conftest import run
 from .test_container import Make
@@ -18,8 +18,13 @@ from .test_container import Make
 MIB = 1 << 20
 
 
-def _v1_file(container_id: str, controller: str, name: str) -> str:
+def _cgroup_file(container_id: str, controller: str, name: str) -> str:
+    """The container's cgroup file *name*: of the v1 *controller*'s hierarchy, or of the
+    one v2 hierarchy (tests/runtime/test_cgroup2_vm.py runs these tests on v2)."""
     cg = manager().open(container_id)
+    if manager().version == 2:
+        with open(os.path.join(cg.path, name)) as fh:  # type: ignore[attr-defined]
+            return fh.read()
     for f in cg.procs_files():
         if f"/{controller}/" in f or f"/{controller}," in f:
             with open(os.path.join(os.path.dirname(f), name)) as fh:
@@ -56,17 +61,26 @@ def test_processor_maximum_limits_the_cpu_share(make_container: Make) -> None:
 def test_processor_weight_sets_the_shares(make_container: Make) -> None:
     c = make_container(processor_weight=2500)
     c.start()
-    assert int(_v1_file(c.id, "cpu", "cpu.shares")) == 512
+    if manager().version == 2:
+        assert int(_cgroup_file(c.id, "cpu", "cpu.weight")) == shares_to_weight(512)
+    else:
+        assert int(_cgroup_file(c.id, "cpu", "cpu.shares")) == 512
 
 
 def test_storage_limits_throttle_the_sandbox_device(make_container: Make) -> None:
     c = make_container(storage_iops_maximum=100, storage_bandwidth_maximum=4 * MIB)
     c.start()
-    bps = _v1_file(c.id, "blkio", "blkio.throttle.write_bps_device").split()
-    iops = _v1_file(c.id, "blkio", "blkio.throttle.write_iops_device").split()
-    assert bps[1] == str(4 * MIB) and iops[1] == "100"
-    # the throttled device is the one the container's root file system writes to
     rootfs = get_layer_mount_path(DriverInfo(), c.id)
+    if manager().version == 2:
+        dev, *rates = _cgroup_file(c.id, "io", "io.max").split()
+        limits = dict(r.split("=") for r in rates)
+        assert limits["wbps"] == str(4 * MIB) and limits["wiops"] == "100"
+        # the throttled device is the one the container's root file system writes to
+        assert dev == str(block_device(rootfs))
+        return
+    bps = _cgroup_file(c.id, "blkio", "blkio.throttle.write_bps_device").split()
+    iops = _cgroup_file(c.id, "blkio", "blkio.throttle.write_iops_device").split()
+    assert bps[1] == str(4 * MIB) and iops[1] == "100"
     assert bps[0] == iops[0] == str(block_device(rootfs))
 
 

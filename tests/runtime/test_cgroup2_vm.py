@@ -51,11 +51,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_cgroup_v2_with_its_controllers(tmp_path: Path) -> None:
-    script = tmp_path / "run.sh"  # read by the guest's /init before its own /tmp hides it
+    # the guest's temporary directory, on its scratch disk: one that does not hide REPO
+    tmp = "/var/tmp" if REPO.is_relative_to("/tmp") else "/tmp"
+    script = tmp_path / "run.sh"  # read by the guest's /init before its scratch disk hides it
     script.write_text(
         f"cd {REPO}\n"
         "echo controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\n"
-        "export PYTHONDONTWRITEBYTECODE=1 HOME=/tmp\n"
+        f"export PYTHONDONTWRITEBYTECODE=1 HOME={tmp} TMPDIR={tmp}\n"
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
         "exec .venv/bin/python -m pytest -p no:cacheprovider --color=no -q -rA "
         f"{' '.join(GUEST_TESTS)}\n")
@@ -65,7 +67,7 @@ def test_cgroup_v2_with_its_controllers(tmp_path: Path) -> None:
         f.truncate(8 << 30)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
     try:
-        r = _boot(script, disk)
+        r = _boot(script, disk, tmp)
     finally:
         disk.unlink()
     out = r.stdout.replace("\r", "")  # a serial console's line ends
@@ -82,12 +84,12 @@ def test_cgroup_v2_with_its_controllers(tmp_path: Path) -> None:
     assert set(MUST_PASS) <= passed, (sorted(set(MUST_PASS) - passed), tail)
 
 
-def _boot(script: Path, disk: Path) -> subprocess.CompletedProcess[str]:
+def _boot(script: Path, disk: Path, tmp: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["qemu-system-x86_64", "-m", "4096", "-smp", "2", "-nographic", "-no-reboot",
          "-nic", "none", "-kernel", str(VM_DIR / "vmlinuz"),
          "-initrd", str(VM_DIR / "initrd.img"),
-         "-append", f"console=ttyS0 quiet panic=-1 pyhcs.run={script}",
+         "-append", f"console=ttyS0 quiet panic=-1 pyhcs.run={script} pyhcs.tmp={tmp}",
          "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,"
                     "multidevs=remap",
          "-drive", f"file={disk},if=virtio,format=raw,cache=unsafe"],

@@ -906,7 +906,6 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-
 def _fork_host() -> _Link:
     # chosen and read here, once, not in every forked supervisor
     cgroup_manager()
@@ -929,14 +928,13 @@ def _widen_pipe(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _OUTPUT_PIPE_BYTES)
 
+
 def _fork_child(main: Callable[..., int], *args: Any,
-                close: tuple[socket.socket, ...] = (), bare: bool = False) -> int:
+                close: tuple[socket.socket, ...] = ()) -> int:
     """Fork a child that closes *close* (the parent's ends of its sockets), runs
     ``main(*args)`` and exits with its code (1 if it raises): no exception may unwind into
-    the parent's stack in the child. Returns the child's pid. *bare*: this process is
-    single-threaded, so the child can skip Python's after-fork work
-    (:func:`pyhcs._linux.fork_bare`)."""
-    pid = L.fork_bare() if bare else os.fork()
+    the parent's stack in the child. Returns the child's pid."""
+    pid = os.fork()
     if pid == 0:
         code = 1
         try:
@@ -949,7 +947,6 @@ def _fork_child(main: Callable[..., int], *args: Any,
         finally:
             os._exit(code)
     return pid
-
 
 
 class _LazyLog(io.TextIOBase):

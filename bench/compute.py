@@ -210,23 +210,17 @@ def rollup(pid: int) -> dict[str, int]:
     return out
 
 
-def memory_of(pids: list[int]) -> dict[str, float]:
-    """Mean KiB per process of Pss, Rss and private memory over *pids*."""
+def memory_of(pids: list[int], per: int = 0) -> dict[str, float]:
+    """KiB of Pss, Rss and private memory of *pids* together, divided by *per* (default:
+    the number of processes, so a mean per process)."""
     rolls = [rollup(p) for p in pids]
-    n = len(rolls)
+    n = per or len(rolls)
     return {
         "pss_kib": sum(r["Pss"] for r in rolls) / n,
         "rss_kib": sum(r["Rss"] for r in rolls) / n,
         "private_kib": sum(r["Private_Clean"] + r["Private_Dirty"] for r in rolls) / n,
-        "processes": n,
+        "processes": len(rolls),
     }
-
-
-def memory_per_container(pids: set[int], containers: int) -> dict[str, float]:
-    """KiB of Pss, Rss and private memory of all of *pids* together, per container."""
-    total = memory_of(sorted(pids))
-    return {k: (v * len(pids) / containers if k != "processes" else v)
-            for k, v in total.items()}
 
 
 def children_of(pid: int) -> list[int]:
@@ -302,7 +296,7 @@ def bench_fleet(api: Pyhcs, ocis: list[Oci], count: int, rounds: int
                     inits = [api.init(cid) for cid in api.running]
                     # what else the supervisors keep: the pid 1 made ahead
                     ahead = {q for s in sups for q in children_of(s)} - set(inits)
-                    memory["api"] = {"supervisors": memory_per_container(sups | ahead, count),
+                    memory["api"] = {"supervisors": memory_of(sorted(sups | ahead), per=count),
                                      "container_processes": memory_of(inits)}
                 teardown[name].append(timed(api.remove_all))
             else:

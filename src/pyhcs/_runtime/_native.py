@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,8 @@ class Sandbox:
     id_maps: tuple[str, str] | None = None
     #: an ``O_PATH`` fd of the container's devpts, where its consoles come from (-1: none)
     pts_dir: int = -1
+    #: the spec's CLONE_NEW* namespaces
+    flags: int = 0
 
     def close(self) -> None:
         """Close the namespace fds and pid 1's socket (a pid 1 that is still waiting for
@@ -408,7 +411,8 @@ def prepare_stub(flags: int) -> Stub:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     L.prctl(L.PR_SET_DUMPABLE, 0)  # inherited by pid 1: see _fork_exec
     try:
-        with _pid_namespace_for_children(L.CLONE_NEWPID if flags & L.CLONE_NEWPID else -1):
+        with (_switched("pid", lambda: L.unshare(L.CLONE_NEWPID)) if flags & L.CLONE_NEWPID
+              else contextlib.nullcontext()):
             pid = L.fork_bare()  # single-threaded here (above); pid 1 only waits and execs
             if pid == 0:
                 _init_stub(theirs, ours, flags)  # never returns (nor leaves the block)
@@ -421,28 +425,38 @@ def prepare_stub(flags: int) -> Stub:
 
 
 @contextlib.contextmanager
-def _pid_namespace_for_children(target: int) -> Iterator[None]:
-    """Fork, inside the block, into another pid namespace, and come back to ours after.
+def _switched(kind: str, enter: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, be in the namespace of type *kind* (``pid``, ``net``, ``mnt``...)
+    that *enter* moves us into (an unshare or a setns), and back in our own after it.
 
-    *target*: a pid namespace's fd (a container's, to join), ``L.CLONE_NEWPID`` (a new
-    one, whose first child is its pid 1) or -1 (stay: nothing to do). Only our
-    pid_for_children changes; we ourselves never leave our pid namespace.
+    For ``pid`` only our pid_for_children changes: we fork into it, inside the block. A
+    setns into a mount namespace also resets our root to the namespace's, so a process in
+    a chroot (a supervisor in its client's) goes back into its own root, never above it.
     """
-    if target == -1:
-        yield
-        return
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    own = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if kind == "mnt" else -1
     try:
-        if target == L.CLONE_NEWPID:
-            L.unshare(L.CLONE_NEWPID)
-        else:
-            L.setns(target, L.CLONE_NEWPID)
+        enter()
         try:
             yield
         finally:
-            L.setns(own, L.CLONE_NEWPID)
+            L.setns(own, _NS_FLAGS[kind])
+            if root >= 0:
+                os.fchdir(root)
+                os.chroot(".")
+                os.chdir("/")
     finally:
         os.close(own)
+        if root >= 0:
+            os.close(root)
+
+
+def _setns_path(path: str, kind: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        L.setns(fd, _NS_FLAGS[kind])
+    finally:
+        os.close(fd)
 
 
 def discard_stub(stub: Stub) -> None:
@@ -476,9 +490,14 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
         made = stub.sock.recv(4096)  # pid 1 has made its namespaces (at once, if ahead)
         if made != b"namespaces":
             raise _error_reply(made)
-        # sysfs shows the net namespace of whoever mounts it, an mqueue its ipc namespace:
-        # pid 1's, then
-        with _entered(stub.pid, [k for k in ("net", "ipc") if flags & _NS_FLAGS[k]]):
+        with contextlib.ExitStack() as inside:
+            # sysfs shows the net namespace of whoever mounts it, an mqueue its ipc
+            # namespace: pid 1's, then
+            for kind in ("net", "ipc"):
+                if flags & _NS_FLAGS[kind]:
+                    path = f"/proc/{stub.pid}/ns/{kind}"
+                    inside.enter_context(_switched(kind, functools.partial(_setns_path, path,
+                                                                           kind)))
             if flags & L.CLONE_NEWNS:
                 mnt, pts = _rootfs_namespace(spec)
             else:
@@ -496,7 +515,8 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
         raise
     userns = UserNamespace.from_spec(spec.get("linux", {}))
     sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf,
-                 id_maps=userns.proc_maps() if userns is not None else None, pts_dir=pts)
+                 id_maps=userns.proc_maps() if userns is not None else None, pts_dir=pts,
+                 flags=flags)
     try:
         # what pid 1 needs of the spec (it was forked before there was one), and the mount
         # namespace with the root filesystem, which it joins before it makes its own copy
@@ -519,56 +539,19 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
     return sb
 
 
-@contextlib.contextmanager
-def _entered(pid: int, kinds: list[str]) -> Iterator[None]:
-    """Inside the block, be in the namespaces *kinds* (such as ``net``) of *pid*, and back
-    in our own after it."""
-    if not kinds:
-        yield
-        return
-    kind, rest = kinds[0], kinds[1:]
-    own = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            L.setns(target, _NS_FLAGS[kind])
-        finally:
-            os.close(target)
-        try:
-            with _entered(pid, rest):
-                yield
-        finally:
-            L.setns(own, _NS_FLAGS[kind])
-    finally:
-        os.close(own)
-
-
 def _rootfs_namespace(spec: dict[str, Any]) -> tuple[int, int]:
     """A new mount namespace holding the root filesystem's mounts, as an fd, and the fd of
     :func:`_setup_rootfs`; we ourselves are back in our own mount namespace when this
     returns (or raises)."""
-    own = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    # setns(2) into a mount namespace sets our root to the namespace's: a supervisor in a
-    # chroot (its client's) goes back into it, never above it
-    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     mnt = -1
     try:
-        L.unshare(L.CLONE_NEWNS)
-        try:
+        with _switched("mnt", lambda: L.unshare(L.CLONE_NEWNS)):
             mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             pts = _setup_rootfs(spec)
-        finally:
-            L.setns(own, L.CLONE_NEWNS)
-            os.fchdir(root)
-            os.chroot(".")
-            os.chdir("/")
     except BaseException:
         if mnt >= 0:
             os.close(mnt)  # the last reference: the namespace and its mounts go
         raise
-    finally:
-        os.close(own)
-        os.close(root)
     return mnt, pts
 
 
@@ -771,10 +754,10 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
             raise _error_reply(ready)
         if sb.id_maps is not None:  # pid 1 has made its user namespace: give it its ids
             L.write_id_maps(sb.init_pid, *sb.id_maps)
-        # later processes join these; pid 1 may be gone by the time they come
-        own = _namespace_ids("self")
-        for ns, ident in _namespace_ids(str(sb.init_pid)).items():
-            if ident != own[ns]:
+        # later processes join these; pid 1 may be gone by the time they come. Its own:
+        # the spec's, and always a mount namespace (it pivots in a copy of its own)
+        for ns in ("pid", *_JOINED):
+            if ns == "mnt" or sb.flags & _NS_FLAGS[ns]:
                 sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}",
                                         os.O_RDONLY | os.O_CLOEXEC)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
@@ -786,11 +769,6 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         err = _error_reply(msg)
         return SpawnResult(sb.init_pid, err.errno or errno.EIO, err.strerror or str(err))
     return SpawnResult(sb.init_pid)
-
-
-def _namespace_ids(pid: str) -> dict[str, str]:
-    """The namespaces a later process joins and the pid namespace, of *pid*, by name."""
-    return {ns: os.readlink(f"/proc/{pid}/ns/{ns}") for ns in ("pid", *_JOINED)}
 
 
 def _reset_signals() -> None:
@@ -826,7 +804,8 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
     # program dumpable again. The supervisor itself needs no core dumps or ptrace access.
     L.prctl(L.PR_SET_DUMPABLE, 0)
     try:
-        with _pid_namespace_for_children(pid_ns):
+        with (_switched("pid", lambda: L.setns(pid_ns, L.CLONE_NEWPID)) if pid_ns >= 0
+              else contextlib.nullcontext()):
             try:
                 pid = L.fork_bare()  # the supervisor is single-threaded; the child only execs
             except OSError as e:

@@ -7,7 +7,7 @@ supervisor can serve many containers. It forks pid 1 into a new pid namespace (a
 more containers); pid 1 makes the uts, ipc and net namespaces itself. The supervisor
 then sets up the root filesystem's mounts in a new mount namespace, which it leaves
 again at once, and makes the cgroup. Pid 1 joins that mount namespace and the cgroup,
-takes its own mount and cgroup namespaces, pivots into the root filesystem, mounts /proc
+takes its own cgroup namespace, pivots into the root filesystem, mounts /proc
 and waits for the container's first process, which it becomes by exec. Later processes
 are the supervisor's own forks: born in pid 1's pid namespace (the supervisor sets its
 pid_for_children for the fork), they join the cgroup and pid 1's other namespaces. So
@@ -615,13 +615,14 @@ def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
         if setup["hostname"]:
             socket.sethostname(setup["hostname"])
         seccomp_bpf = bytes.fromhex(setup["bpf"])
-        if fds:  # the supervisor's mount namespace, with the root filesystem's mounts
+        if fds:  # the mount namespace with the root filesystem's mounts: ours alone
             L.setns(fds[0], L.CLONE_NEWNS)
             os.close(fds[0])
         _join_cgroup(setup["cgroup"])
-        # the cgroup namespace's root is the cgroup we are in when we make it; our own
-        # mount namespace, so that pivot_root moves only us
-        L.unshare(flags & L.CLONE_NEWCGROUP | L.CLONE_NEWNS)
+        # the cgroup namespace's root is the cgroup we are in when we make it. pivot_root
+        # must move only us: the supervisor left the namespace it made for us (and closes
+        # its fd once we have it), so we pivot in it; without one, in a copy of the host's
+        L.unshare(flags & L.CLONE_NEWCGROUP | (0 if fds else L.CLONE_NEWNS))
         _pivot(spec)
         _mount_proc(spec)
         _mount_cgroups(spec)
@@ -755,7 +756,7 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         if sb.id_maps is not None:  # pid 1 has made its user namespace: give it its ids
             L.write_id_maps(sb.init_pid, *sb.id_maps)
         # later processes join these; pid 1 may be gone by the time they come. Its own:
-        # the spec's, and always a mount namespace (it pivots in a copy of its own)
+        # the spec's, and always a mount namespace (the one it pivots in)
         for ns in ("pid", *_JOINED):
             if ns == "mnt" or sb.flags & _NS_FLAGS[ns]:
                 sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}",

@@ -27,7 +27,7 @@ mount namespace with ``/sys/fs/cgroup/unified`` detached (crun refuses the hybri
 otherwise), private pyhcs roots in a temporary directory, cgroups under ``pyhcs-bench``,
 and everything removed at the end.
 
-Usage: ``PYTHONPATH=src .venv/bin/python bench/compute.py [--rounds N] [--json]``
+Usage: ``PYTHONPATH=src .venv/bin/python bench/compute.py [--rounds N] [--only PART] [--json]``
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ SLEEP = ["sleep", "1000000"]
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 MIB = 1 << 20
+PARTS = ("exec", "stats", "fleet", "stdout")
 
 
 # -- OCI runtime containers ------------------------------------------------------------------
@@ -389,6 +390,22 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"{m['cpus']} cpus, kernel {m['kernel']}, python {m['python']}, {m['crun']}, "
                  f"{m['runc']}; load {m['loadavg_1min_before']:.2f} before, "
                  f"{m['loadavg_1min_after']:.2f} after")
+    if "exec" in r:
+        lines += _report_exec(r)
+    if "stats" in r:
+        st = r["stats"]
+        lines.append(f"\n(ii) Container.statistics(), ms ({r['stats_calls']} calls): median "
+                     f"{st['median_ms']:.3f}, min {st['min_ms']:.3f}, p90 {st['p90_ms']:.3f} "
+                     "(target <= 2 ms)")
+    if "fleet" in r:
+        lines += _report_fleet(r)
+    if "stdout" in r:
+        lines += _report_stdout(r)
+    return "\n".join(lines)
+
+
+def _report_exec(r: dict[str, Any]) -> list[str]:
+    lines = []
     ex = r["exec"]
     lines.append(f"\n(i) exec /bin/true in a running container, ms ({r['rounds']} rounds)")
     lines.append(f"{'variant':<34} {'median':>8} {'min':>8} {'p90':>8} {'/crun':>7} {'/runc':>7}"
@@ -400,10 +417,11 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"{label[k]:<34} {s['median_ms']:>8.2f} {s['min_ms']:>8.2f} "
                      f"{s['p90_ms']:>8.2f} {ratios} {s['first_fifth_median_ms']:>8.2f} "
                      f"{s['last_fifth_median_ms']:>8.2f}")
-    st = r["stats"]
-    lines.append(f"\n(ii) Container.statistics(), ms ({r['stats_calls']} calls): median "
-                 f"{st['median_ms']:.3f}, min {st['min_ms']:.3f}, p90 {st['p90_ms']:.3f} "
-                 "(target <= 2 ms)")
+    return lines
+
+
+def _report_fleet(r: dict[str, Any]) -> list[str]:
+    lines = []
     fl = r["fleet"]
     n = r["containers"]
     lines.append(f"\n(iii) {n} containers started one after another (each running sleep), "
@@ -427,6 +445,11 @@ def report(r: dict[str, Any]) -> str:
         cp = mem[k]["container_processes"]
         lines.append(f"{k} container's sleep: Pss {cp['pss_kib']:.0f}, Rss {cp['rss_kib']:.0f}"
                      + ("" if k == "api" else f"; {k} itself: no process left (0)"))
+    return lines
+
+
+def _report_stdout(r: dict[str, Any]) -> list[str]:
+    lines = []
     so = r["stdout"]
     lines.append(f"\n(v) stdout throughput, GB/s ({r['stdout_mib']} MiB per round, "
                  f"{r['stdout_rounds']} rounds; the container's pipe is "
@@ -438,7 +461,7 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"{slabel[k]:<34} median {s['median_gb_s']:.2f}  min {s['min_gb_s']:.2f}"
                      f"  max {s['max_gb_s']:.2f}")
     lines.append("(target >= 1 GB/s)")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet-rounds", type=int, default=3)
     ap.add_argument("--stdout-mib", type=int, default=2000)
     ap.add_argument("--stdout-rounds", type=int, default=3)
+    ap.add_argument("--only", action="append", choices=PARTS,
+                    help="run this part only (repeatable; default: all of them)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -478,14 +503,19 @@ def main(argv: list[str] | None = None) -> int:
         ocis = [Oci("crun", crun, tmp, lowerdir, template),
                 Oci("runc", runc, tmp, lowerdir, template)]
         api = Pyhcs(chain)
-        print("exec ...", file=sys.stderr, flush=True)
-        results["exec"] = bench_exec(api, ocis, args.rounds)
-        print("statistics ...", file=sys.stderr, flush=True)
-        results["stats"] = bench_stats(api, args.stats_calls)
-        results["fleet"], results["memory"] = bench_fleet(api, ocis, args.containers,
-                                                          args.fleet_rounds)
-        print("stdout ...", file=sys.stderr, flush=True)
-        results["stdout"] = bench_stdout(api, args.stdout_mib, args.stdout_rounds)
+        parts = args.only or PARTS
+        if "exec" in parts:
+            print("exec ...", file=sys.stderr, flush=True)
+            results["exec"] = bench_exec(api, ocis, args.rounds)
+        if "stats" in parts:
+            print("statistics ...", file=sys.stderr, flush=True)
+            results["stats"] = bench_stats(api, args.stats_calls)
+        if "fleet" in parts:
+            results["fleet"], results["memory"] = bench_fleet(api, ocis, args.containers,
+                                                              args.fleet_rounds)
+        if "stdout" in parts:
+            print("stdout ...", file=sys.stderr, flush=True)
+            results["stdout"] = bench_stdout(api, args.stdout_mib, args.stdout_rounds)
     except BenchError as e:
         print(f"compute: a round failed: {e}", file=sys.stderr)
         return 1

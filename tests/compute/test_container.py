@@ -402,6 +402,30 @@ def test_supervisor_makes_the_next_pid_1_ahead(make_container: Make) -> None:
     assert code == 0 and out.split()[0] == b"1"
 
 
+def test_supervisor_makes_the_next_pid_1_while_the_first_process_execs(
+        make_container: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyhcs._compute import _supervisor
+
+    _own_supervisor()
+    # the supervisor forked for this test never makes it for being idle
+    monkeypatch.setattr(_supervisor, "_AHEAD_IDLE", 3600.0)
+    c = make_container()
+    c.start()
+    sup = _supervisor_pid()
+    init = c._call("Test", {"op": "netns"})[0]["pid"]
+    children = Path(f"/proc/{sup}/task/{sup}/children")
+    time.sleep(0.2)
+    assert children.read_text().split() == [str(init)]  # nothing ahead before the process
+    with c.create_process(pyhcs.ProcessConfig(command_line="sleep 100")):
+        # made before the reply came: no waiting here
+        (ahead,) = set(children.read_text().split()) - {str(init)}
+        assert _ns(ahead, "pid") != _ns(init, "pid")
+    d = make_container()
+    d.start()  # it becomes this container's pid 1
+    assert d._call("Test", {"op": "netns"})[0]["pid"] == int(ahead)
+    c.terminate()
+
+
 def test_killed_supervisor_is_replaced(make_container: Make) -> None:
     _own_supervisor()
     make_container().start()

@@ -182,6 +182,8 @@ class Supervisor:
         self.started = 0.0
         self.paused = False
         self.log: ContainerLog | None = None  # the container log (see _log), once asked for
+        # the host's work to do while the first process execs (see _Host._make_ahead)
+        self.meanwhile: Callable[[], None] | None = None
         # executor choice (see _runtime._oci): native unless the spec names an OCI runtime
         self._spawn = spawn
         self._destroy = destroy_sandbox
@@ -467,7 +469,9 @@ class Supervisor:
                         child_fds.append(fd)
                         io.append(fd)
                 stdio = (io[0], io[1], io[2])
-            result = self._spawn(self.sandbox, process, stdio, console=console)
+            meanwhile, self.meanwhile = self.meanwhile, None
+            result = self._spawn(self.sandbox, process, stdio, console=console,
+                                 meanwhile=meanwhile)
         except BaseException:
             for fd in [*child_fds, *ours.values()]:
                 os.close(fd)
@@ -695,7 +699,10 @@ def reap_supervisors() -> None:
 #
 # After each container it starts it also makes what the next native container needs and
 # no spec changes: pid 1 in new pid, net, ipc and uts namespaces with loopback up (see
-# _native.prepare_stub). So those are off the start path too.
+# _native.prepare_stub). So those are off the start path too. It makes them while the
+# container's first process execs (or once nothing has come for a moment), not at once:
+# the client asks for that process next, and the fork (milliseconds) would hold it up,
+# while during the exec both the client and we would only wait.
 #
 # When the client closes the link (close_supervisor, or its exit) the process stays until
 # its containers have ended, then exits. If it is killed, its containers' pid 1s die with
@@ -707,6 +714,9 @@ def reap_supervisors() -> None:
 
 #: the namespaces made ahead: those of every container pyhcs specifies
 _AHEAD_FLAGS = namespace_flags({"linux": {"namespaces": [{"type": t} for t in NAMESPACES]}})
+#: seconds with nothing to do after which the next pid 1 is made ahead, even though the
+#: container started last has no process yet
+_AHEAD_IDLE = 0.05
 
 
 @dataclass
@@ -787,10 +797,13 @@ class _Host:
         self.sel.register(link, selectors.EVENT_READ, (None, "job", None))
         self.containers: set[Supervisor] = set()
         self.stub: Stub | None = None  # the next container's pid 1, made ahead
+        # the container started last, until the next pid 1 is made ahead (see above)
+        self.ahead_after: Supervisor | None = None
 
     def run(self) -> None:
         while self.link is not None or self.containers:
-            for key, _ in self.sel.select():
+            events = self.sel.select(_AHEAD_IDLE if self.ahead_after is not None else None)
+            for key, _ in events:
                 sup, kind, obj = key.data
                 if sup is None:
                     try:
@@ -802,8 +815,21 @@ class _Host:
                 if sup.done and sup in self.containers:
                     self.containers.discard(sup)
                     sup.err.close()
+            last = self.ahead_after
+            if last is not None and (not events or last.init_pid or last.done):
+                self._make_ahead()
         if self.stub is not None:
             discard_stub(self.stub)
+
+    def _make_ahead(self) -> None:
+        """Make the next container's pid 1 ahead, if none is waiting. Never raises: it runs
+        in the middle of a container's exec too."""
+        self.ahead_after = None
+        if self.stub is None and self.link is not None:
+            try:
+                self.stub = prepare_stub(_AHEAD_FLAGS)
+            except Exception:
+                traceback.print_exc()  # the next start makes its own
 
     def _close_link(self) -> None:
         if self.link is not None:
@@ -833,11 +859,6 @@ class _Host:
         except OSError:
             self._close_link()  # the client is gone; its container runs on
             return
-        if job["native"] and job["ahead"] and self.stub is None:
-            try:
-                self.stub = prepare_stub(_AHEAD_FLAGS)
-            except OSError:
-                traceback.print_exc()  # the next start makes its own
         if not job["native"]:
             self._close_link()  # an OCI runtime's container has this process to itself
 
@@ -866,6 +887,9 @@ class _Host:
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
             return {"errno": code, "error": str(e)[:2000]}
         self.containers.add(sup)
+        if job["native"] and job["ahead"]:
+            self.ahead_after = sup
+            sup.meanwhile = self._make_ahead
         return {"pid": os.getpid(), "started": sup.started, "netns_pid": sup.netns_pid}
 
 

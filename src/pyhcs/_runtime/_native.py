@@ -722,21 +722,25 @@ _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
 
 
 def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
-          console: int = -1) -> SpawnResult:
+          console: int = -1, meanwhile: Callable[[], None] | None = None) -> SpawnResult:
     """Start *process* (an OCI process object) in the sandbox; return once it has exec'd.
 
     *stdio* are the fds the process gets as 0, 1 and 2. With *console* >= 0 that fd is a pty
     slave which becomes the controlling terminal. If the program cannot be executed, the
     child exits and the result carries the errno and message. The first process is pid 1;
     later ones join the cgroup and pid 1's namespaces.
+
+    *meanwhile*, if given, is called once while the process gets ready to exec (for pid 1:
+    after it has the process, before we wait for its exec), so the caller's own work runs
+    alongside the process's instead of after it.
     """
     if sb.init_sock is not None:
-        return _spawn_init(sb, process, stdio, console)
+        return _spawn_init(sb, process, stdio, console, meanwhile)
     if not sb.ns_fds:
         raise OSError(errno.ESRCH, "the container has stopped")
     join = (sb.join_files, [(sb.ns_fds[n], _NS_FLAGS[n]) for n in _JOINED if n in sb.ns_fds])
     return _fork_exec(process, stdio, console=console, join=join, seccomp_bpf=sb.seccomp_bpf,
-                      pid_ns=sb.ns_fds.get("pid", -1))
+                      pid_ns=sb.ns_fds.get("pid", -1), meanwhile=meanwhile)
 
 
 def _error_reply(msg: bytes) -> OSError:
@@ -745,7 +749,7 @@ def _error_reply(msg: bytes) -> OSError:
 
 
 def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int],
-                console: int) -> SpawnResult:
+                console: int, meanwhile: Callable[[], None] | None) -> SpawnResult:
     sock = sb.init_sock
     assert sock is not None
     fds = [*stdio, console] if console >= 0 else list(stdio)
@@ -762,6 +766,8 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
                 sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}",
                                         os.O_RDONLY | os.O_CLOEXEC)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
+        if meanwhile is not None:
+            meanwhile()  # pid 1 takes milliseconds to exec (capabilities, seccomp, execve)
         msg = sock.recv(1 << 16)  # nothing: it exec'd (the socket was close-on-exec)
     finally:
         sock.close()
@@ -794,7 +800,7 @@ def _prepare_exec(stdio: tuple[int, int, int], console: int, keep: int) -> None:
 
 def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console: int,
                join: tuple[list[str], list[tuple[int, int]]], seccomp_bpf: bytes,
-               pid_ns: int) -> SpawnResult:
+               pid_ns: int, meanwhile: Callable[[], None] | None = None) -> SpawnResult:
     """Fork a process into the pid namespace *pid_ns* (-1: ours) that joins the container
     (cgroup, then namespaces) and execs."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -830,6 +836,8 @@ def _fork_exec(process: dict[str, Any], stdio: tuple[int, int, int], *, console:
         raise
     os.close(err_w)
     try:
+        if meanwhile is not None:
+            meanwhile()
         msg = b""
         while chunk := os.read(err_r, 4096):
             msg += chunk

@@ -70,6 +70,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,14 +372,17 @@ def _receive_console(sock: socket.socket) -> int:
 
 
 def spawn(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int], *,
-          console: int = -1) -> SpawnResult:
+          console: int = -1, meanwhile: Callable[[], None] | None = None) -> SpawnResult:
     """Start *process* through the OCI runtime (see :func:`pyhcs._runtime._native.spawn`
-    for the contract). With *console* >= 0 the result is an :class:`OciSpawnResult`
+    for the contract; *meanwhile* is called before the runtime runs, which cannot be
+    interleaved with). With *console* >= 0 the result is an :class:`OciSpawnResult`
     whose ``console_master`` is the runtime's pty master, to be used instead of the
     caller's."""
     assert isinstance(sb, OciSandbox) and sb.spec is not None
     if sb.created and not sb.init_pid:
         raise OSError(errno.ESRCH, "the container has stopped")
+    if meanwhile is not None:
+        meanwhile()
     sb.busy = True
     try:
         result = _spawn(sb, process, stdio)

@@ -363,6 +363,16 @@ def _join_cgroup(files: list[str]) -> None:
             os.close(fd)
 
 
+def _join_fds(procs: list[int]) -> None:
+    """:func:`_join_cgroup` through fds of the ``cgroup.procs`` files (closed here)."""
+    try:
+        for fd in procs:
+            os.write(fd, b"0")
+    finally:
+        for fd in procs:
+            os.close(fd)
+
+
 def _child_fail(fd: int, e: BaseException) -> None:
     code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
     text = str(e)
@@ -502,40 +512,50 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
                 mnt, pts = _rootfs_namespace(spec)
             else:
                 pts = _setup_rootfs(spec)
-        try:
-            cg = manager().create(container_id, _resources(spec))
-        except FileExistsError:
-            _wait_cgroup_released(container_id)
-            cg = manager().create(container_id, _resources(spec))
-    except BaseException:
-        for fd in (mnt, pts):
-            if fd >= 0:
-                os.close(fd)
-        discard_stub(stub)
-        raise
-    userns = UserNamespace.from_spec(spec.get("linux", {}))
-    sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf,
-                 id_maps=userns.proc_maps() if userns is not None else None, pts_dir=pts,
-                 flags=flags)
-    try:
-        # what pid 1 needs of the spec (it was forked before there was one), and the mount
-        # namespace with the root filesystem, which it joins before it makes its own copy
-        # to pivot in
+        # What pid 1 needs of the spec (it was forked before there was one), and the mount
+        # namespace with the root filesystem, which it pivots in: it gets going on them
+        # (pivot, /proc) while we make its cgroup, which it joins after (_init_stub).
         linux = spec.get("linux", {})
         setup = json.dumps({
-            "cgroup": sb.join_files, "bpf": seccomp_bpf.hex(),
+            "bpf": seccomp_bpf.hex(),
             "hostname": spec.get("hostname", "") if flags & L.CLONE_NEWUTS else "",
             "spec": {"root": spec["root"], "mounts": spec.get("mounts", []),
                      "linux": {k: linux[k] for k in ("maskedPaths", "readonlyPaths")
                                if k in linux}},
         }).encode()
         socket.send_fds(stub.sock, [setup], [mnt] if mnt >= 0 else [])
+        try:
+            cg = manager().create(container_id, _resources(spec))
+        except FileExistsError:
+            _wait_cgroup_released(container_id)
+            cg = manager().create(container_id, _resources(spec))
     except BaseException:
-        destroy_sandbox(sb)
+        if pts >= 0:
+            os.close(pts)
+        discard_stub(stub)
         raise
     finally:
         if mnt >= 0:
-            os.close(mnt)
+            os.close(mnt)  # pid 1 has its own reference, or none is needed any more
+    userns = UserNamespace.from_spec(spec.get("linux", {}))
+    sb = Sandbox(container_id, cg, stub.pid, stub.sock, cg.join_files(), seccomp_bpf=seccomp_bpf,
+                 id_maps=userns.proc_maps() if userns is not None else None, pts_dir=pts,
+                 flags=flags)
+    try:
+        # pid 1 has pivoted away from the host's cgroupfs: it joins through fds
+        procs: list[int] = []
+        try:
+            for f in sb.join_files:
+                procs.append(os.open(f, os.O_WRONLY | os.O_CLOEXEC))
+            socket.send_fds(stub.sock, [b"cgroup"], procs)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # pid 1 failed at its setup: the first process gets its reason
+        finally:
+            for fd in procs:
+                os.close(fd)
+    except BaseException:
+        destroy_sandbox(sb)
+        raise
     return sb
 
 
@@ -592,9 +612,9 @@ def destroy_sandbox(sb: Sandbox) -> None:
 
 def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
     """Pid 1 before the first process: makes the uts, ipc and net namespaces of *flags*,
-    waits for its container's cgroup and spec (or its socket's end: no container came),
-    then goes into the cgroup, pivots and mounts /proc, reports ready and execs on
-    request."""
+    waits for its container's spec (or its socket's end: no container came), pivots and
+    mounts /proc, then goes into the cgroup the supervisor has made meanwhile, mounts
+    cgroupfs, loads the seccomp filter, reports ready and execs on request."""
     seccomp_bpf = b""
     try:
         other.close()
@@ -618,13 +638,19 @@ def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
         if fds:  # the mount namespace with the root filesystem's mounts: ours alone
             L.setns(fds[0], L.CLONE_NEWNS)
             os.close(fds[0])
-        _join_cgroup(setup["cgroup"])
-        # the cgroup namespace's root is the cgroup we are in when we make it. pivot_root
-        # must move only us: the supervisor left the namespace it made for us (and closes
-        # its fd once we have it), so we pivot in it; without one, in a copy of the host's
-        L.unshare(flags & L.CLONE_NEWCGROUP | (0 if fds else L.CLONE_NEWNS))
+        else:
+            # pivot_root must move only us: without a namespace made for us (the
+            # supervisor left the one it made, and closes its fd), in a copy of the host's
+            L.unshare(L.CLONE_NEWNS)
         _pivot(spec)
         _mount_proc(spec)
+        # the cgroup, made meanwhile: an fd of each cgroup.procs file to write ourselves to
+        msg, fds, _, _ = socket.recv_fds(sock, 4096, 64)
+        if msg != b"cgroup":
+            os._exit(0)  # the cgroup could not be made: no container comes
+        _join_fds(fds)
+        # the cgroup namespace's root is the cgroup we are in when we make it
+        L.unshare(flags & L.CLONE_NEWCGROUP)
         _mount_cgroups(spec)
         if flags & L.CLONE_NEWUSER:
             # Last, once every mount is made with the host's privileges: from here on our
@@ -634,6 +660,14 @@ def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
             L.unshare(L.CLONE_NEWUSER)
         with open("/proc/self/comm", "w") as f:  # what process_list shows until exec
             f.write("pyhcs-init")
+        if seccomp_bpf:
+            # Now, before we report ready, not right before exec: the kernel checks and
+            # compiles the filter (0.7 ms here) while the client is still on its way with
+            # the process. We hold CAP_SYS_ADMIN, so no no_new_privs is needed yet. What we
+            # do after it (take the process's fds, set its ids and capabilities, exec) the
+            # profile must allow, as runc requires of a profile for a process without
+            # no_new_privs; the default profile does.
+            load_bpf(seccomp_bpf)
         sock.send(b"ready")
     except BaseException as e:
         _child_fail(sock.fileno(), e)
@@ -644,7 +678,7 @@ def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
         req = json.loads(data)
         console = fds[3] if len(fds) > 3 else -1
         _prepare_exec((fds[0], fds[1], fds[2]), console, sock.fileno())
-        _exec(req["process"], seccomp_bpf)  # the socket closes on exec: success
+        _exec(req["process"], b"")  # the filter is in place; the socket closes on exec
     except BaseException as e:
         _child_fail(sock.fileno(), e)
 

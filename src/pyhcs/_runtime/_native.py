@@ -364,7 +364,7 @@ def _join_cgroup(files: list[str]) -> None:
 
 
 def _join_fds(procs: list[int]) -> None:
-    """:func:`_join_cgroup` through fds of the ``cgroup.procs`` files (closed here)."""
+    """:func:`_join_cgroup` through fds of those files (closed here)."""
     try:
         for fd in procs:
             os.write(fd, b"0")
@@ -542,7 +542,7 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
                  id_maps=userns.proc_maps() if userns is not None else None, pts_dir=pts,
                  flags=flags)
     try:
-        # pid 1 has pivoted away from the host's cgroupfs: it joins through fds
+        # pid 1 pivots away from the host's cgroupfs meanwhile: it joins through fds
         procs: list[int] = []
         try:
             for f in sb.join_files:
@@ -644,7 +644,7 @@ def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:
             L.unshare(L.CLONE_NEWNS)
         _pivot(spec)
         _mount_proc(spec)
-        # the cgroup, made meanwhile: an fd of each cgroup.procs file to write ourselves to
+        # the cgroup, made meanwhile: an fd of each file to write ourselves to (join_files)
         msg, fds, _, _ = socket.recv_fds(sock, 4096, 64)
         if msg != b"cgroup":
             os._exit(0)  # the cgroup could not be made: no container comes

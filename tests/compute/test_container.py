@@ -426,6 +426,31 @@ def test_supervisor_makes_the_next_pid_1_while_the_first_process_execs(
     c.terminate()
 
 
+def test_supervisor_raises_its_fd_limit_but_not_its_containers(
+        make_container: Make) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _own_supervisor()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the supervisor inherits it
+    try:
+        c = make_container()
+        c.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    sup = _supervisor_pid()
+    limits = Path(f"/proc/{sup}/limits").read_text().split("Max open files")[1].split()
+    assert limits[:2] == [str(hard), str(hard)]  # ~9 fds per container: room for many
+    code, out, _ = run(c, "sh -c 'ulimit -n; ulimit -Hn'")  # pid 1
+    assert code == 0 and out.split() == [b"256", str(hard).encode()]
+    d = make_container()
+    d.start()
+    with d.create_process(pyhcs.ProcessConfig(command_line="sleep 100")):
+        code, out, _ = run(d, "sh -c 'ulimit -n'")  # a later process
+        assert code == 0 and out.split() == [b"256"]
+        d.terminate()
+
+
 def test_killed_supervisor_is_replaced(make_container: Make) -> None:
     _own_supervisor()
     make_container().start()

@@ -48,6 +48,7 @@ from .._runtime._native import (
     discard_stub,
     namespace_flags,
     prepare_stub,
+    raise_fd_limit,
     spawn,
 )
 from .._runtime._seccomp import compile_seccomp
@@ -871,6 +872,8 @@ class _Host:
         container_id, spec = job["id"], job["spec"]
         err = _LazyLog(roots.container_run_dir(container_id) / "supervisor.log")
         stub = None
+        if job["native"]:
+            raise_fd_limit()  # this process serves any number of native containers
         if job["native"] and self.stub is not None \
                 and self.stub.flags == namespace_flags(spec):
             stub, self.stub = self.stub, None

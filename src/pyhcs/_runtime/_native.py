@@ -27,6 +27,7 @@ import fcntl
 import functools
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -43,8 +44,8 @@ from ._seccomp import load_bpf
 from ._spec import CAPABILITY_NUMBERS, MAX_ID, SANDBOX_DEVICE_ANNOTATION, UserNamespace
 
 __all__ = ["Sandbox", "SpawnResult", "Stub", "create_sandbox", "destroy_sandbox",
-           "discard_stub", "namespace_flags", "prepare_stub", "resolve_user", "secure_join",
-           "spawn"]
+           "discard_stub", "namespace_flags", "prepare_stub", "raise_fd_limit", "resolve_user",
+           "secure_join", "spawn"]
 
 _NS_FLAGS = {"ipc": L.CLONE_NEWIPC, "uts": L.CLONE_NEWUTS, "net": L.CLONE_NEWNET,
              "cgroup": L.CLONE_NEWCGROUP, "mnt": L.CLONE_NEWNS, "pid": L.CLONE_NEWPID,
@@ -818,9 +819,31 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
+#: RLIMIT_NOFILE as this process had it before :func:`raise_fd_limit` (None: not raised)
+_nofile: tuple[int, int] | None = None
+
+
+def raise_fd_limit() -> None:
+    """Let this process open as many fds as its hard limit allows: a supervisor holds ~9
+    per container, and a soft limit of 1024 (the usual default) would end at ~110
+    containers. The processes it starts get the limit it had before (:func:`_prepare_exec`),
+    as they would have without it. Idempotent."""
+    global _nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _nofile is None and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return  # best effort: the limit stays as it was
+        _nofile = (soft, hard)
+
+
 def _prepare_exec(stdio: tuple[int, int, int], console: int, keep: int) -> None:
     """stdio onto 0-2, then every other fd closed but *keep*: nothing of the host survives
-    exec. A new session; with a console, the pty becomes the controlling terminal."""
+    exec. A new session; with a console, the pty becomes the controlling terminal. The
+    fd limit is the one the supervisor had before :func:`raise_fd_limit`."""
+    if _nofile is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, _nofile)
     for i, fd in enumerate(stdio):
         if fd == i:
             os.set_inheritable(fd, True)

@@ -735,8 +735,8 @@ _ahead = True
 
 def prepare_ahead(enabled: bool) -> None:
     """Whether this process's supervisor prepares the next container's namespaces and pid 1
-    ahead, after each start (the default). A program that starts one container and exits
-    (the CLI) gains nothing from it."""
+    ahead, while each container's first process execs (the default). A program that
+    starts one container and exits (the CLI) gains nothing from it."""
     global _ahead
     _ahead = enabled
 
@@ -798,12 +798,12 @@ class _Host:
         self.sel.register(link, selectors.EVENT_READ, (None, "job", None))
         self.containers: set[Supervisor] = set()
         self.stub: Stub | None = None  # the next container's pid 1, made ahead
-        # the container started last, until the next pid 1 is made ahead (see above)
-        self.ahead_after: Supervisor | None = None
+        # a container has started and the next pid 1 is not made yet (see above)
+        self.ahead_due = False
 
     def run(self) -> None:
         while self.link is not None or self.containers:
-            events = self.sel.select(_AHEAD_IDLE if self.ahead_after is not None else None)
+            events = self.sel.select(_AHEAD_IDLE if self.ahead_due else None)
             for key, _ in events:
                 sup, kind, obj = key.data
                 if sup is None:
@@ -816,16 +816,15 @@ class _Host:
                 if sup.done and sup in self.containers:
                     self.containers.discard(sup)
                     sup.err.close()
-            last = self.ahead_after
-            if last is not None and (not events or last.init_pid or last.done):
-                self._make_ahead()
+            if self.ahead_due and not events:
+                self._make_ahead()  # idle: the started container's process has not come
         if self.stub is not None:
             discard_stub(self.stub)
 
     def _make_ahead(self) -> None:
         """Make the next container's pid 1 ahead, if none is waiting. Never raises: it runs
         in the middle of a container's exec too."""
-        self.ahead_after = None
+        self.ahead_due = False
         if self.stub is None and self.link is not None:
             try:
                 self.stub = prepare_stub(_AHEAD_FLAGS)
@@ -891,7 +890,7 @@ class _Host:
             return {"errno": code, "error": str(e)[:2000]}
         self.containers.add(sup)
         if job["native"] and job["ahead"]:
-            self.ahead_after = sup
+            self.ahead_due = True
             sup.meanwhile = self._make_ahead
         return {"pid": os.getpid(), "started": sup.started, "netns_pid": sup.netns_pid}
 

@@ -6,9 +6,10 @@ supervisor can serve many containers. It forks pid 1 into a new pid namespace (a
 :class:`Stub`: made ahead, before the container is known, by a supervisor that expects
 more containers); pid 1 makes the uts, ipc and net namespaces itself. The supervisor
 then sets up the root filesystem's mounts in a new mount namespace, which it leaves
-again at once, and makes the cgroup. Pid 1 joins that mount namespace and the cgroup,
-takes its own cgroup namespace, pivots into the root filesystem, mounts /proc
-and waits for the container's first process, which it becomes by exec. Later processes
+again at once. Pid 1 joins that mount namespace, pivots into the root filesystem and
+mounts /proc while the supervisor makes the cgroup; then it joins the cgroup, takes its
+own cgroup namespace, installs the seccomp filter and waits for the container's first
+process, which it becomes by exec. Later processes
 are the supervisor's own forks: born in pid 1's pid namespace (the supervisor sets its
 pid_for_children for the fork), they join the cgroup and pid 1's other namespaces. So
 the supervisor is the parent of every process it starts and reaps each exit itself;

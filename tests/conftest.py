@@ -110,6 +110,29 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def describe_cgroups(dirs: list[str]) -> str:
+    """*dirs* (cgroup folders left behind) with what keeps each: its processes (pid, state,
+    command line) and, for a freezer, its state; what a leak report needs to be acted on."""
+    out = []
+    for d in dirs:
+        try:
+            pids = Path(d, "cgroup.procs").read_text().split()
+        except OSError as e:
+            pids = [f"({e.strerror})"]
+        what = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "?"
+            what.append(f"{pid} {state} {_cmdline(int(pid)) if pid.isdigit() else ''!r}")
+        freezer = Path(d, "freezer.state")
+        if freezer.exists():
+            what.append(f"freezer {freezer.read_text().strip()}")
+        out.append(f"{d} [{'; '.join(what) or 'empty'}]")
+    return ", ".join(out)
+
+
 def _snapshot() -> dict[str, set[object]]:
     return {
         "mounts": set(_mounts()),
@@ -140,7 +163,11 @@ def leak_check() -> Iterator[None]:
     try:
         remove_parent()  # pyhcs keeps it between containers; the session made it
     except OSError as e:
-        leaks.append(f"cgroup parent {CGROUP_PARENT} still in use: {e}")
+        children = [os.path.join(d, c) for d in sorted(_cgroups() - before["cgroups"])
+                    if os.path.isdir(d) for c in os.listdir(d)
+                    if os.path.isdir(os.path.join(d, c))]
+        leaks.append(f"cgroup parent {CGROUP_PARENT} still in use ({e}): "
+                     f"{describe_cgroups(children)}")
     if procs:
         leaks.append("processes: " + ", ".join(f"{p} {_cmdline(p)!r}" for p in sorted(procs)))
     after = _snapshot()

@@ -34,6 +34,8 @@ from pyhcs._paths import Roots
 from pyhcs._registry import Registry
 from pyhcs._runtime._cgroups import manager as cgroup_manager
 
+from ..conftest import describe_cgroups
+
 CYCLES = 1000
 RUNNING = 100
 CREATORS = 20
@@ -122,7 +124,7 @@ class Baseline:
                 break
             time.sleep(0.05)
         assert not alive, f"supervisors still running: {alive}"
-        assert not cgroups, f"cgroups left: {cgroups}"
+        assert not cgroups, f"cgroups left: {describe_cgroups(cgroups)}"
         assert pyhcs.get_containers() == []
         _settle()
         # pyhcs reaps finished supervisors on its next start or remove; do that now, so a

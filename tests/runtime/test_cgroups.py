@@ -542,6 +542,26 @@ def test_freeze_stops_and_kill_all_empties(make: Make) -> None:
 
 
 @needs_v1
+def test_remove_kills_what_joined_only_some_hierarchies(make: Make) -> None:
+    """A v1 process joins a container's hierarchies one after another. One caught between
+    them (in memory, not yet in pids, which kill_all looks at) when the container ends is
+    killed by remove, and every folder goes, instead of the cgroup staying busy for good."""
+    cg = make()
+    assert isinstance(cg, C.V1Cgroup)
+    p = subprocess.Popen(["sleep", "1000"])
+    try:
+        Path(cg.dirs["memory"], "cgroup.procs").write_text(str(p.pid))
+        assert cg.pids() == []
+        cg.kill_all()
+        cg.remove()
+        assert p.wait(10) == -signal.SIGKILL
+        assert [d for d in cg.dirs.values() if os.path.exists(d)] == []
+    finally:
+        p.kill()
+        p.wait()
+
+
+@needs_v1
 def test_v1_unavailable_controller_and_rejected_value(make: Make, cgroup_name: str) -> None:
     assert isinstance(HOST, C.V1Manager)
     no_blkio = C.V1Manager({k: v for k, v in HOST.mounts.items() if k != "blkio"})

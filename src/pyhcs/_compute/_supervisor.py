@@ -321,7 +321,17 @@ class Supervisor:
         return any(p.exit_code is None for p in self.procs.values())
 
     def _finish(self) -> None:
-        """Record the container's end, answer waiters, release its kernel state."""
+        """Record the container's end, answer waiters, release its kernel state (that
+        last even if the rest fails: a cgroup or namespace must not outlive us)."""
+        try:
+            self._record_end()
+        finally:
+            sb, self.sandbox = self.sandbox, None
+            self.done = True
+            if sb is not None:
+                self._destroy(sb)
+
+    def _record_end(self) -> None:
         init = self.procs.get(self.init_pid)
         code = init.exit_code if init and init.exit_code is not None else self.stub_exit_code
         sb = self.sandbox
@@ -357,10 +367,6 @@ class Supervisor:
                 os.unlink(self.run_dir / SUPERVISOR_SOCKET)
             self.listener.close()
             self.listener = None
-        if sb is not None:
-            self._destroy(sb)
-            self.sandbox = None
-        self.done = True
 
     # -- connections -------------------------------------------------------------------------
 

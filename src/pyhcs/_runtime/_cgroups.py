@@ -313,19 +313,28 @@ def _read_pids(path: str) -> list[int]:
     return [int(x) for x in _read(path).split()]
 
 
-def _rmdir(path: str) -> None:
-    # A cgroup whose last task just exited can report EBUSY for a moment.
-    for _ in range(100):
+def _rmdir(path: str, timeout: float = 10.0) -> None:
+    """Remove the cgroup folder *path*, killing what is still in it.
+
+    A cgroup whose last task just exited can report EBUSY for a moment. A task can also
+    still be in it after a kill that saw the cgroup empty: in v1 a process joins the
+    hierarchies one after another, and the kill looks at one of them. The folder is a
+    container's, so what is left in it is the container's and is killed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
         try:
             os.rmdir(path)
             return
         except FileNotFoundError:
             return
         except OSError as e:
-            if e.errno != errno.EBUSY:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
-            time.sleep(0.01)
-    os.rmdir(path)
+        for pid in _read_pids(os.path.join(path, "cgroup.procs")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def _signal_each(cg: Cgroup, sig: int) -> None:

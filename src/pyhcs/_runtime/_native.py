@@ -556,7 +556,8 @@ def create_sandbox(container_id: str, spec: dict[str, Any], *,
             for fd in procs:
                 os.close(fd)
     except BaseException:
-        destroy_sandbox(sb)
+        with contextlib.suppress(OSError):  # the error to report is the one raised here
+            destroy_sandbox(sb)
         raise
     return sb
 
@@ -597,7 +598,7 @@ def _wait_cgroup_released(container_id: str, timeout: float = 5.0) -> None:
 
 def destroy_sandbox(sb: Sandbox) -> None:
     """Release a sandbox: pid 1 if it never ran a process, namespace fds, processes and
-    the cgroup."""
+    the cgroup. Raises OSError if the cgroup cannot be removed (the caller reports it)."""
     waiting = sb.init_sock is not None
     sb.close()  # pid 1, still waiting for a process, sees the socket close and exits
     if waiting and sb.init_pid:
@@ -605,11 +606,8 @@ def destroy_sandbox(sb: Sandbox) -> None:
             os.waitpid(sb.init_pid, 0)
         except ChildProcessError:
             pass
-    try:
-        sb.cgroup.kill_all()
-        sb.cgroup.remove()
-    except OSError:
-        pass
+    sb.cgroup.kill_all()
+    sb.cgroup.remove()
 
 
 def _init_stub(sock: socket.socket, other: socket.socket, flags: int) -> None:

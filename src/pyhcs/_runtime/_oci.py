@@ -464,7 +464,8 @@ def _start(sb: OciSandbox, proc: dict[str, Any], n: int, pid_file: str, extra: l
 
 
 def destroy_sandbox(sb: Sandbox) -> None:
-    """Release the container: the runtime's record of it, its processes, its cgroup."""
+    """Release the container: the runtime's record of it, its processes, its cgroup.
+    Raises OSError if the cgroup cannot be removed (the caller reports it)."""
     assert isinstance(sb, OciSandbox)
     if sb.created:
         sb.busy = True  # the runtime's exit is subprocess's to collect, not the reaper's
@@ -472,10 +473,9 @@ def destroy_sandbox(sb: Sandbox) -> None:
             _run(sb, ["delete", "--force", sb.container_id])
         finally:
             sb.busy = False
+    sb.init_pid = 0
     try:
         sb.cgroup.kill_all()
         sb.cgroup.remove()
-    except OSError:
-        pass
-    remove_everywhere(sb.container_id)  # what the runtime made and left in other hierarchies
-    sb.init_pid = 0
+    finally:
+        remove_everywhere(sb.container_id)  # what the runtime made in other hierarchies

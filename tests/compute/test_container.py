@@ -527,3 +527,37 @@ def test_pid_1_killed_before_any_process_ends_the_container(make_container: Make
     assert state["state"] == "stopped" and state["exit_code"] == 137
     # and it reaped pid 1: no zombie left behind
     assert str(init) not in Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
+
+
+
+def test_container_is_released_even_if_its_end_cannot_be_recorded(make_container: Make,
+                                                                   tmp_path: Path) -> None:
+    """The supervisor answers the container's waiters with the final record, then writes
+    it to the run directory, then releases the cgroup. A write that fails there (a client
+    with the record removed the run directory at once, say) must not keep the cgroup: it
+    is released all the same, and the socket is closed."""
+    from pyhcs._compute._supervisor import STATUS_FILE, SUPERVISOR_SOCKET
+    from pyhcs._runtime._cgroups import manager
+
+    _own_supervisor()  # killed at the end: how the registry learns of this container's end
+    c = make_container(mapped_directories=[pyhcs.MappedDir(host_path=str(tmp_path),
+                                                           container_path="/x")])
+    c.start()
+    sup = _supervisor_pid()
+    p = c.create_process(pyhcs.ProcessConfig(
+        command_line="sh -c 'while [ ! -e /x/go ]; do sleep 0.02; done; exit 3'"))
+    run_dir = pyhcs.Roots.resolve().container_run_dir(c.id)
+    (run_dir / f".{STATUS_FILE}.tmp").mkdir()  # the record cannot be written
+    folders = [os.path.dirname(f) for f in manager().open(c.id).procs_files()]
+    assert all(os.path.isdir(d) for d in folders)
+    (tmp_path / "go").touch()
+    assert p.wait(30) == 3
+    p.close()
+    deadline = time.monotonic() + 30  # released after the end is recorded (or not)
+    while any(os.path.isdir(d) for d in folders) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [d for d in folders if os.path.isdir(d)] == []
+    assert not (run_dir / SUPERVISOR_SOCKET).exists()
+    os.kill(sup, signal.SIGKILL)
+    c.wait(30)
+    assert pyhcs.container_state(c.id)["state"] == "stopped"

@@ -286,8 +286,14 @@ class Supervisor:
 
     def _write_status(self, status: dict[str, Any]) -> None:
         tmp = self.run_dir / f".{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps(status))
-        os.rename(tmp, self.run_dir / STATUS_FILE)
+        try:
+            tmp.write_text(json.dumps(status))
+            os.rename(tmp, self.run_dir / STATUS_FILE)
+        except FileNotFoundError:
+            # The run directory is gone: a client that had the final record from us (the
+            # waiters get it first, see _record_end) removed the container at once. Nobody
+            # will read a record, and the container's kernel state must still be released.
+            pass
 
     def handle(self, kind: str, obj: Any, fileobj: Any) -> None:
         """One event of ours from the host's loop; once the container has ended, release
@@ -326,10 +332,13 @@ class Supervisor:
         try:
             self._record_end()
         finally:
-            sb, self.sandbox = self.sandbox, None
             self.done = True
-            if sb is not None:
-                self._destroy(sb)
+            try:
+                self._stop_serving()
+            finally:
+                sb, self.sandbox = self.sandbox, None
+                if sb is not None:
+                    self._destroy(sb)
 
     def _record_end(self) -> None:
         init = self.procs.get(self.init_pid)
@@ -357,6 +366,10 @@ class Supervisor:
             self._reply(w, {"exit_code": code, "exit_type": self.exit_type, "status": status})
         self.container_waiters.clear()
         self._write_status(status)
+
+    def _stop_serving(self) -> None:
+        """Close every connection and the listening socket: a client that comes later
+        finds no socket and reads the record."""
         for key in list(self.sel.get_map().values()):
             if key.data[:2] == (self, "conn"):
                 # a request we will not serve: the client reads the record

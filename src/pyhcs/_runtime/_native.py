@@ -357,12 +357,9 @@ def _resources(spec: dict[str, Any]) -> Resources:
 
 
 def _join_cgroup(files: list[str]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+    """Move this single-threaded process into the cgroup whose join files are *files*
+    (in a forked child: an open that fails ends it, and the fds opened before with it)."""
+    _join_fds([os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in files])
 
 
 def _join_fds(procs: list[int]) -> None:

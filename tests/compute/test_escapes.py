@@ -344,3 +344,11 @@ def test_cgroupfs_is_the_containers_own_and_read_only(make_container: Make) -> N
     assert code != 0 and b"Read-only file system" in err
     code, _, err = run(c, "touch /sys/fs/cgroup/evil")
     assert code != 0 and b"Read-only file system" in err
+    # read-only is the container's mounts' alone: the host's of the same hierarchies (the
+    # same superblocks) stay writable
+    with open("/proc/self/mountinfo") as f:
+        host = {fl[4]: fl for fl in (line.split() for line in f)}
+    for name in expected:
+        point = os.path.join("/sys/fs/cgroup", name).rstrip("/")
+        if point in host:
+            assert "rw" in host[point][5].split(","), host[point]

@@ -56,6 +56,10 @@ _PID1_FIRST = L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET
 # The namespaces a later process joins (pid 1's), in this order: the user namespace
 # last, as joining it ends our privileges over the host's namespaces.
 _JOINED = ("net", "ipc", "uts", "cgroup", "mnt", "user")
+# pid 1's namespaces that are there once it has reported them made (_init_stub), before
+# create_sandbox sends it the spec: its mount namespace is not (it enters the one made for
+# it when the spec comes), nor its cgroup and user ones (made at the end of its setup)
+_MADE_FIRST = ("pid", "net", "ipc", "uts")
 _MAX_SYMLINKS = 255
 _PASSWD_LIMIT = 1 << 20  # bytes of /etc/passwd or /etc/group we are willing to read
 _MAX_ID = MAX_ID  # ids at or past 2**31 are refused, never wrapped
@@ -289,12 +293,15 @@ def _mount_cgroups(spec: dict[str, Any]) -> None:
         if m.get("type") != "cgroup":
             continue
         flags, _ = _parse_options(m.get("options", []))
-        flags &= ~L.MS_RDONLY  # made read-only below, once everything is in place
+        # A new cgroup mount is read-only from the start: MS_RDONLY makes the mount
+        # read-only (the host's mounts of the same hierarchy stay writable). The tmpfs
+        # holding them is made read-only once they are in place.
+        ro = flags | L.MS_RDONLY
+        flags &= ~L.MS_RDONLY
         dest = m["destination"]
         layout = cgroup_namespace_mounts()
         if layout == [("", "cgroup2", "")]:
-            L.mount("cgroup2", dest, "cgroup2", flags, None)
-            _remount_ro(dest, flags)
+            L.mount("cgroup2", dest, "cgroup2", ro, None)
             continue
         L.mount("tmpfs", dest, "tmpfs", flags, "mode=755")
         for name, fstype, data in layout:
@@ -303,13 +310,8 @@ def _mount_cgroups(spec: dict[str, Any]) -> None:
                 os.symlink(data, path)
                 continue
             os.mkdir(path, 0o555)
-            L.mount(fstype, path, fstype, flags, data or None)
-            _remount_ro(path, flags)
-        _remount_ro(dest, flags)
-
-
-def _remount_ro(path: str, flags: int) -> None:
-    L.mount(None, path, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | flags, None)
+            L.mount(fstype, path, fstype, ro, data or None)
+        L.mount(None, dest, None, L.MS_BIND | L.MS_REMOUNT | ro, None)
 
 
 def _mask(path: str) -> None:
@@ -785,17 +787,18 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
     assert sock is not None
     fds = [*stdio, console] if console >= 0 else list(stdio)
     try:
+        # Later processes join pid 1's namespaces; it may be gone by the time they come.
+        # Those it has made before create_sandbox returned are opened while it finishes
+        # its setup (cgroupfs, the filter), the others once it is ready. A pid 1 that
+        # failed is gone already: its reason, read next, is the error to report.
+        with contextlib.suppress(OSError):
+            _open_init_ns(sb, _MADE_FIRST)
         ready = sock.recv(4096)
         if ready != b"ready":
             raise _error_reply(ready)
         if sb.id_maps is not None:  # pid 1 has made its user namespace: give it its ids
             L.write_id_maps(sb.init_pid, *sb.id_maps)
-        # later processes join these; pid 1 may be gone by the time they come. Its own:
-        # the spec's, and always a mount namespace (the one it pivots in)
-        for ns in ("pid", *_JOINED):
-            if ns == "mnt" or sb.flags & _NS_FLAGS[ns]:
-                sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}",
-                                        os.O_RDONLY | os.O_CLOEXEC)
+        _open_init_ns(sb, _JOINED)
         socket.send_fds(sock, [json.dumps({"process": process}).encode()], fds)
         if meanwhile is not None:
             meanwhile()  # pid 1 takes milliseconds to exec (capabilities, seccomp, execve)
@@ -807,6 +810,14 @@ def _spawn_init(sb: Sandbox, process: dict[str, Any], stdio: tuple[int, int, int
         err = _error_reply(msg)
         return SpawnResult(sb.init_pid, err.errno or errno.EIO, err.strerror or str(err))
     return SpawnResult(sb.init_pid)
+
+
+def _open_init_ns(sb: Sandbox, kinds: tuple[str, ...]) -> None:
+    """Open pid 1's namespaces of *kinds* not open yet: those of the spec, and always its
+    mount namespace (the one it pivots in)."""
+    for ns in kinds:
+        if ns not in sb.ns_fds and (ns == "mnt" or sb.flags & _NS_FLAGS[ns]):
+            sb.ns_fds[ns] = os.open(f"/proc/{sb.init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _reset_signals() -> None:

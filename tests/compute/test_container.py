@@ -402,6 +402,40 @@ def test_supervisor_makes_the_next_pid_1_ahead(make_container: Make) -> None:
     assert code == 0 and out.split()[0] == b"1"
 
 
+def test_a_start_job_the_supervisor_cannot_read_is_answered(make_container: Make) -> None:
+    """A job the supervisor fails on before it starts anything (here a spec without
+    namespaces, compared with those of the pid 1 it has made ahead) gets an error reply:
+    the client is never left waiting."""
+    import threading
+
+    from pyhcs._compute import _supervisor
+    from pyhcs._paths import Roots
+
+    _own_supervisor()
+    make_container().start()
+    sup = _supervisor_pid()
+    children = Path(f"/proc/{sup}/task/{sup}/children")
+    deadline = time.monotonic() + 10
+    while len(children.read_text().split()) < 2:  # the pid 1 made ahead, once idle
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    errors: list[OSError] = []
+
+    def start() -> None:
+        try:
+            _supervisor.launch("never-made", Roots.resolve(), {"linux": {}})
+        except OSError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        os.kill(sup, signal.SIGKILL)  # unblock the client for the tests after this one
+        pytest.fail("the supervisor never answered the job")
+    assert len(errors) == 1 and "namespaces" in str(errors[0]), errors
+
+
 def test_supervisor_makes_the_next_pid_1_while_the_first_process_execs(
         make_container: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     from pyhcs._compute import _supervisor

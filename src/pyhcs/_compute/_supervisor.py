@@ -27,6 +27,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -688,6 +689,11 @@ def _detach(keep: int) -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     L.close_range_from(3, keep=(keep,))
+    # The client's sys.stdout and sys.stderr may be its own objects (pytest's capture on an
+    # fd closed just now, a notebook's stream): a traceback printed through them would
+    # fail or reach the client's channels. Ours are the fds above.
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - for the process's life
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     os.chdir("/")
 
 
@@ -871,14 +877,22 @@ class _Host:
                 discard_stub(self.stub)
                 self.stub = None
             return
-        job = json.loads(data)
-        reply = self._start(job)
+        native = True
+        try:
+            job = json.loads(data)
+            native = bool(job["native"])
+            reply = self._start(job)
+        except Exception as e:
+            # _start reports what goes wrong in starting the container; anything before
+            # that (a malformed job) must still be answered, or the client waits forever
+            traceback.print_exc()
+            reply = {"errno": errno.EINVAL, "error": f"bad start job: {type(e).__name__}: {e}"}
         try:
             _send_frame(self.link, json.dumps(reply).encode())
         except OSError:
             self._close_link()  # the client is gone; its container runs on
             return
-        if not job["native"]:
+        if not native:
             self._close_link()  # an OCI runtime's container has this process to itself
 
     def _start(self, job: dict[str, Any]) -> dict[str, Any]:

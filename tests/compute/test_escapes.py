@@ -140,14 +140,28 @@ def test_symlinked_system_dir_is_refused(crafted: Callable[..., pyhcs.Container]
         c.start()
 
 
-def test_symlinked_dev_null_is_shadowed(crafted: Callable[..., pyhcs.Container]) -> None:
-    """/dev is a fresh tmpfs: the image's /dev/null -> /etc/passwd never comes into play."""
-    c = crafted([("dev", ""), ("dev/null", "/etc/passwd"), ("dev/pts", "/etc")])
+@pytest.mark.parametrize("target", ["keep", "/etc/passwd"])
+def test_symlinked_dev_null_is_refused(crafted: Callable[..., pyhcs.Container],
+                                       host_dir: Path, target: str) -> None:
+    """An image whose /dev/null points at a host file is refused; the file is untouched."""
+    victim = host_dir / "keep" if target == "keep" else Path(target)
+    before = (_snapshot(host_dir), hashlib.sha256(Path("/etc/passwd").read_bytes()).digest())
+    c = crafted([("dev", ""), ("dev/null", str(victim)), ("dev/pts", "/etc")])
+    with pytest.raises(pyhcs.ContainerError, match="/dev/null is a symlink"):
+        c.start()
+    assert (_snapshot(host_dir), hashlib.sha256(Path("/etc/passwd").read_bytes()).digest()
+            ) == before
+    assert str(victim) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_real_dev_directory_in_the_image_is_covered(crafted: Callable[..., pyhcs.Container]
+                                                      ) -> None:
+    """/dev is a fresh tmpfs: what the image's own /dev holds never comes into play."""
+    c = crafted([("dev", ""), ("dev/pts", "/etc"), ("dev/zero", "/etc/passwd")])
     _start_with_init(c)
-    passwd = run(c, "cat /etc/passwd")[1]
-    code, out, _ = run(c, "sh -c 'echo x > /dev/null; stat -c %F,%t,%T /dev/null; cat /etc/passwd'")
+    code, out, _ = run(c, "sh -c 'echo x > /dev/null; stat -c %F,%t,%T /dev/null /dev/zero'")
     assert code == 0
-    assert out == b"character special file,1,3\n" + passwd
+    assert out == b"character special file,1,3\ncharacter special file,1,5\n"
 
 
 # -- fds and working directories ----------------------------------------------------------

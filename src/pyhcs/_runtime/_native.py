@@ -215,6 +215,18 @@ def _setup_dev(dev: str) -> None:
         os.symlink(target, os.path.join(dev, name))
 
 
+def _refuse_image_dev_null(dev: str) -> None:
+    """Refuse an image whose /dev/null is a symlink, as runc refuses one it would use.
+
+    The fresh tmpfs on /dev hides it, so it could do no harm here; but an image that
+    carries one was made to escape a runtime (runc's masked paths bound the container's
+    /dev/null, CVE-2025-31133), and its author is told so rather than run."""
+    with contextlib.suppress(FileNotFoundError):
+        # *dev* is the image's /dev, checked to be no symlink, before the tmpfs covers it
+        if stat.S_ISLNK(os.lstat(os.path.join(dev, "null")).st_mode):
+            raise OSError(errno.ELOOP, "the image's /dev/null is a symlink", "/dev/null")
+
+
 def _mount_one(root: str, m: dict[str, Any]) -> str:
     """Make the mount *m* inside *root*; return the host path it was mounted on."""
     dest = m["destination"]
@@ -234,6 +246,8 @@ def _mount_one(root: str, m: dict[str, Any]) -> str:
     # the path, so this costs no syscall).
     if target != os.path.normpath(os.path.join(root, dest.lstrip("/"))):
         raise OSError(errno.ELOOP, "the image has a symlink on the mount path", dest)
+    if dest == "/dev":
+        _refuse_image_dev_null(target)
     if mtype in ("proc", "cgroup"):
         # mounted by the container's pid 1, inside the pid and cgroup namespaces
         return target

@@ -18,7 +18,7 @@ def make_container(busybox: list[str], unique_id: str
              **fields: object) -> pyhcs.Container:
         cid = f"{unique_id}-{len(made)}"
         layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in busybox]
-        config = pyhcs.ContainerConfig(layers=layers, **fields)  # type: ignore[arg-type]
+        config = pyhcs.ContainerConfig(**{"layers": layers, **fields})  # type: ignore[arg-type]
         c = pyhcs.create_container(cid, config, user_namespace=user_namespace, runtime=runtime)
         made.append(cid)
         return c

@@ -109,6 +109,87 @@ def test_owner_and_name_are_queryable(make_container: Make) -> None:
         a.id]
 
 
+def test_query_by_ids_and_types(make_container: Make) -> None:
+    a = make_container()
+    b = make_container()
+    ids = pyhcs.ComputeSystemQuery(ids=[b.id])
+    assert [p.id for p in pyhcs.get_containers(ids)] == [b.id]
+    both = pyhcs.ComputeSystemQuery(ids=[a.id, b.id], types=["Container"])
+    assert sorted(p.id for p in pyhcs.get_containers(both)) == sorted([a.id, b.id])
+    vm = pyhcs.ComputeSystemQuery(ids=[a.id, b.id], types=["VirtualMachine"])
+    assert pyhcs.get_containers(vm) == []
+
+
+def test_create_with_json_merges_over_the_config(busybox: list[str], unique_id: str) -> None:
+    layers = [pyhcs.Layer(id=p.rsplit("/", 1)[-1], path=p) for p in busybox]
+    config = pyhcs.ContainerConfig(layers=layers, host_name="from-config", owner="config")
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(pyhcs.InvalidConfigError):
+            pyhcs.create_container_with_json(unique_id, config, bad)
+    assert pyhcs.get_containers(pyhcs.ComputeSystemQuery(ids=[unique_id])) == []
+    c = pyhcs.create_container_with_json(
+        unique_id, config, '{"HostName": "from-json", "Owner": "json"}')
+    try:
+        assert [p.owner for p in pyhcs.get_containers(pyhcs.ComputeSystemQuery(
+            ids=[unique_id]))] == ["json"]
+        c.start()
+        code, out, _ = run(c, "hostname")
+        assert (code, out) == (0, b"from-json\n")
+    finally:
+        c.close()
+        pyhcs.remove_container(unique_id, force=True)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("hv_partition", True), ("sandbox_path", "/var/lib/uvm"), ("credentials", "{}"),
+    ("servicing", True), ("is_dummy", True),
+])
+def test_windows_only_fields_are_refused_by_name(make_container: Make, field: str,
+                                                 value: object) -> None:
+    name = {"hv_partition": "HvPartition", "sandbox_path": "SandboxPath",
+            "credentials": "Credentials", "servicing": "Servicing", "is_dummy": "IsDummy"}
+    with pytest.raises(pyhcs.NotSupportedError, match=name[field]):
+        make_container(**{field: value})
+    assert pyhcs.get_containers() == []
+
+
+def test_hints_with_no_linux_meaning_are_accepted(make_container: Make) -> None:
+    c = make_container(ignore_flushes_during_boot=True, allow_unqualified_dns_query=True)
+    c.start()
+    assert run(c, "true")[0] == 0
+
+
+def test_volume_path_must_be_the_sandbox_mount(make_container: Make, busybox: list[str],
+                                               unique_id: str) -> None:
+    with pytest.raises(pyhcs.InvalidConfigError, match="VolumePath"):
+        make_container(volume_path="/tmp")  # no LayerFolderPath: it would go unused
+    # as hcsshim's callers do: prepare a sandbox, pass its folder and its mount path
+    info = DriverInfo()
+    sid = f"{unique_id}-sandbox"
+    parent = busybox[0].rsplit("/", 1)[-1]
+    pyhcs.create_sandbox_layer(info, sid, parent, busybox)
+    try:
+        pyhcs.prepare_layer(info, sid, busybox)
+        try:
+            folder = os.path.join(info.home_dir, sid)
+            mount = get_layer_mount_path(info, sid)
+            with pytest.raises(pyhcs.InvalidConfigError, match="VolumePath"):
+                make_container(layers=[], layer_folder_path=folder, volume_path="/tmp")
+            c = make_container(layers=[], layer_folder_path=folder, volume_path=mount)
+            c.start()
+            code, out, _ = run(c, "sh -c 'echo here > /mark; cat /mark'")
+            assert (code, out) == (0, b"here\n")
+            c.wait(10)
+            c.close()
+            pyhcs.remove_container(c.id)
+            assert os.path.exists(os.path.join(mount, "mark"))  # the caller's sandbox
+        finally:
+            pyhcs.unprepare_layer(info, sid)
+    finally:
+        pyhcs.destroy_layer(info, sid)
+    assert pyhcs.get_containers() == []
+
+
 def test_statistics_move_with_the_workload(make_container: Make) -> None:
     c = make_container()
     c.start()

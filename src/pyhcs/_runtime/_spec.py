@@ -163,6 +163,35 @@ def _resources(config: ContainerConfig,
     return res
 
 
+def _check_windows_fields(config: ContainerConfig, rootfs: str) -> None:
+    """Refuse, naming the field, what hcsshim hands to Windows and Linux cannot do; the
+    fields accepted without effect are listed in the README (ContainerConfig on Linux)."""
+    op = "CreateContainer"
+    if config.hv_partition or config.hv_runtime is not None:
+        raise NotSupportedError(
+            op, message="HvPartition: VM-isolated containers are not supported yet on Linux")
+    if config.sandbox_path:
+        # hcsshim's callers set it for a Hyper-V container's utility VM only
+        raise NotSupportedError(
+            op, message="SandboxPath: it belongs to VM-isolated containers, not supported yet")
+    if config.credentials:
+        raise NotSupportedError(
+            op, message="Credentials: Windows credential specs (gMSA) have no Linux equivalent")
+    if config.servicing:
+        raise NotSupportedError(
+            op, message="Servicing: Windows servicing containers have no Linux equivalent")
+    if config.is_dummy:
+        raise NotSupportedError(op, message="IsDummy: dummy containers are not supported")
+    if config.volume_path and (
+            not config.layer_folder_path
+            or os.path.realpath(config.volume_path) != os.path.realpath(rootfs)):
+        # hcsshim's callers pass the mounted sandbox (GetLayerMountPath of LayerFolderPath);
+        # the root is always that mount here, so any other path would be silently unused
+        raise InvalidConfigError(
+            op, message=f"VolumePath {config.volume_path!r} is not the mount path of "
+            "LayerFolderPath (pyhcs.get_layer_mount_path)")
+
+
 def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
                    seccomp: bool | Mapping[str, Any] = True,
                    userns: UserNamespace | None = None,
@@ -181,10 +210,7 @@ def container_spec(container_id: str, config: ContainerConfig, rootfs: str, *,
     its I/O is what the storage statistics count (annotation ``io.pyhcs.sandbox-device``).
     ``StorageSandboxSize`` is the sandbox layer's business, not the spec's.
     """
-    if config.hv_partition or config.hv_runtime is not None:
-        raise NotSupportedError(
-            "CreateContainer",
-            message="HvPartition: VM-isolated containers are not supported yet on Linux")
+    _check_windows_fields(config, rootfs)
     annotations = {"io.pyhcs.owner": config.owner, "io.pyhcs.name": config.name}
     if block_device is not None:
         annotations[SANDBOX_DEVICE_ANNOTATION] = f"{block_device[0]}:{block_device[1]}"

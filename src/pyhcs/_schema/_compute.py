@@ -100,6 +100,11 @@ class ContainerConfig(Document, rename=_CONTAINER_CONFIG_NAMES):
     ``processor_maximum`` a percentage 1..100, ``memory_maximum_in_mb`` megabytes,
     ``storage_bandwidth_maximum`` bytes per second, ``storage_sandbox_size`` bytes.
     ``hv_runtime`` is ``None`` unless the container is a Hyper-V one.
+
+    On Linux, ``ignore_flushes_during_boot`` and ``allow_unqualified_dns_query`` are
+    accepted without effect; ``hv_partition``, ``hv_runtime``, ``sandbox_path``,
+    ``credentials``, ``servicing`` and ``is_dummy`` are refused when set (the README's
+    field-by-field list says why).
     """
 
     system_type: str = "Container"

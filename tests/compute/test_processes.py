@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -210,6 +211,48 @@ def test_kill_reports_137(make_container: Make, as_init: bool) -> None:
     c.wait(10)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM],
+                         ids=lambda s: s.name)
+def test_a_signal_death_is_128_plus_its_number(make_container: Make,
+                                                sig: signal.Signals) -> None:
+    c = make_container()
+    init = _with_init(c)
+    p = c.create_process(pyhcs.ProcessConfig(command_line=f"sh -c 'kill -{int(sig)} $$'"))
+    assert p.wait(10) == 128 + int(sig)
+    assert p.exit_code() == 128 + int(sig)
+    p.close()
+    init.kill()
+    init.wait(10)
+
+
+def test_wait_without_a_timeout_returns_at_the_exit(make_container: Make) -> None:
+    c = make_container()
+    c.start()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="sh -c 'sleep 0.3; exit 3'"))
+    assert p.wait() == 3
+    c.wait()  # the container ended with its pid 1; no deadline was needed
+    assert pyhcs.container_state(c.id)["state"] == "stopped"
+    p.close()
+
+
+def test_application_name_is_the_program_and_the_command_line_its_argv(
+        make_container: Make) -> None:
+    """As Windows's CreateProcess: ApplicationName is what runs, CommandLine its argv.
+    busybox picks the applet by argv[0], so it shows both."""
+    c = make_container()
+    init = _with_init(c)
+    code, out, _ = run(c, "echo from-argv", application_name="/bin/busybox")
+    assert (code, out) == (0, b"from-argv\n")
+    code, out, _ = run(c, "", application_name="/bin/hostname")
+    assert code == 0 and out.strip() == c.id[:12].encode()
+    p = c.create_process(pyhcs.ProcessConfig(command_line="echo x",
+                                             application_name="/bin/no-such-program"))
+    assert p.wait(10) == pyhcs.WAIT_ERR_EXEC_FAILED
+    p.close()
+    init.kill()
+    init.wait(10)
+
+
 @pytest.mark.parametrize("as_init", [True, False], ids=["pid1", "exec"])
 def test_missing_program_is_exec_failed(make_container: Make, as_init: bool) -> None:
     c = make_container()
@@ -328,6 +371,7 @@ def test_close_is_idempotent_and_final(make_container: Make) -> None:
         c.process_list, c.has_pending_updates, c.properties,
         lambda: c.create_process(pyhcs.ProcessConfig(command_line="true")),
         lambda: c.open_process(1),
+        lambda: c.modify({"ResourceType": "Network", "RequestType": "Add", "Settings": "x"}),
     ]
     for call in calls:
         with pytest.raises(pyhcs.ContainerError) as info:

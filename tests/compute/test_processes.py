@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -440,6 +441,40 @@ def test_unknown_user_name_is_exec_failed(make_container: Make) -> None:
     p = c.create_process(pyhcs.ProcessConfig(command_line="id", user="no-such-user"))
     assert "no-such-user" in p.exec_error
     assert p.wait(10) == pyhcs.WAIT_ERR_EXEC_FAILED
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "huge"])
+def test_user_lookup_reads_only_a_bounded_regular_passwd(make_container: Make,
+                                                         planted: str) -> None:
+    """The container's own root may replace /etc/passwd: a FIFO must not hang the lookup,
+    a symlink is not followed, and no more than the first MiB is read."""
+    c = make_container()
+    init = _with_init(c)
+    late = "late:x:4242:4242::/:/bin/sh"
+    plant = {
+        "fifo": "rm /etc/passwd && mkfifo /etc/passwd",
+        "symlink": f"echo {late} > /etc/passwd.real && ln -sf /etc/passwd.real /etc/passwd",
+        # root's line first, then 2 MiB of comment lines, then late's
+        "huge": "{ echo root:x:0:0::/root:/bin/sh; head -c 2097152 /dev/zero | "
+                f"tr '\\0' '#' | fold -w 1023; echo; echo {late}; }} > /etc/passwd.new "
+                "&& mv /etc/passwd.new /etc/passwd",
+    }[planted]
+    code, _, err = run(c, "sh -c " + shlex.quote(plant))
+    assert code == 0, err
+    if planted == "huge":
+        size = int(run(c, "stat -c %s /etc/passwd")[1])
+        assert size > 2 << 20
+        assert run(c, "grep -o '^Uid:[[:space:]]*[0-9]*' /proc/self/status", user="root"
+                   )[1].split() == [b"Uid:", b"0"]
+    p = c.create_process(pyhcs.ProcessConfig(command_line="id", user="late"))
+    assert "late" in p.exec_error
+    assert p.wait(10) == pyhcs.WAIT_ERR_EXEC_FAILED
+    p.close()
+    # numeric ids need no file (and no program here reads it: busybox's id would open the FIFO)
+    assert run(c, "grep -o '^Uid:[[:space:]]*[0-9]*' /proc/self/status", user="4242"
+               )[1].split() == [b"Uid:", b"4242"]
+    init.kill()
+    init.wait(10)
 
 
 def test_environment_and_working_directory(make_container: Make) -> None:

@@ -44,13 +44,17 @@ def test_processor_count_restricts_the_cpus(make_container: Make) -> None:
 def test_processor_maximum_limits_the_cpu_share(make_container: Make) -> None:
     c = make_container(processor_maximum=20)
     c.start()
-    p = c.create_process(pyhcs.ProcessConfig(command_line="sh -c 'while :; do :; done'"))
+    # one busy loop per processor: unlimited, they would take the whole machine
+    n = len(os.sched_getaffinity(0))
+    p = c.create_process(pyhcs.ProcessConfig(
+        command_line=f"sh -c 'for i in $(seq {n}); do (while :; do :; done) & done; wait'"))
     try:
+        time.sleep(0.2)  # every loop running
         before = c.statistics().processor.total_runtime_100ns
         t0 = time.monotonic()
         time.sleep(1.0)
         used = (c.statistics().processor.total_runtime_100ns - before) / 1e7
-        share = used / (time.monotonic() - t0) / (os.cpu_count() or 1)
+        share = used / (time.monotonic() - t0) / n
         # 20% of all processors; a generous band for a busy shared machine
         assert 0.05 < share < 0.35, share
     finally:
@@ -65,6 +69,29 @@ def test_processor_weight_sets_the_shares(make_container: Make) -> None:
         assert int(_cgroup_file(c.id, "cpu", "cpu.weight")) == shares_to_weight(512)
     else:
         assert int(_cgroup_file(c.id, "cpu", "cpu.shares")) == 512
+
+
+def test_processor_weight_divides_a_contended_cpu(make_container: Make) -> None:
+    """Two busy loops on one processor: CPU time splits as the weights (9:1) say."""
+    heavy = make_container(processor_weight=9000, processor_count=1)
+    light = make_container(processor_weight=1000, processor_count=1)
+    loops = []
+    for c in (heavy, light):
+        c.start()
+        loops.append(c.create_process(pyhcs.ProcessConfig(
+            command_line="sh -c 'while :; do :; done'")))
+    try:
+        time.sleep(0.2)
+        before = [c.statistics().processor.total_runtime_100ns for c in (heavy, light)]
+        time.sleep(1.5)
+        after = [c.statistics().processor.total_runtime_100ns for c in (heavy, light)]
+        h, lt = after[0] - before[0], after[1] - before[1]
+        # 9:1 in theory; equal weights give 1:1. Other work on the processor skews both.
+        assert h > 3 * lt, (h, lt)
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait(10)
 
 
 def test_storage_limits_throttle_the_sandbox_device(make_container: Make) -> None:

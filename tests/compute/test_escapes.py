@@ -302,6 +302,31 @@ def test_non_root_user_has_no_capabilities(make_container: Make) -> None:
     assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
 
 
+@pytest.mark.parametrize("user", ["0", "1000"])
+def test_the_filter_refuses_a_syscall_the_capabilities_allow(make_container: Make,
+                                                             user: str) -> None:
+    """unshare(CLONE_NEWUSER) needs no capability (the host lets nobody do it, checked
+    here): inside the container only the seccomp profile can refuse it, as containerd's
+    refuses it to a process without CAP_SYS_ADMIN."""
+    def nobody() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    bb = shutil.which("busybox")
+    assert bb is not None
+    host = subprocess.run([bb, "unshare", "-U", "true"], preexec_fn=nobody,
+                          capture_output=True, check=False)
+    assert host.returncode == 0, host.stderr  # the kernel allows it without capabilities
+    c = make_container()
+    init = _start_with_init(c)
+    code, _, err = run(c, "unshare -U true", user=user)
+    assert code != 0
+    assert b"Operation not permitted" in err
+    init.kill()
+    init.wait(10)
+
+
 def test_proc_read_only_and_masked_paths(make_container: Make) -> None:
     c = make_container()
     _start_with_init(c)

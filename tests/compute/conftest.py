@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
 import pyhcs
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip ``native_only`` tests when the suite runs on an OCI runtime (PYHCS_RUNTIME)."""
+    marker = item.get_closest_marker("native_only")
+    if marker is not None and os.environ.get("PYHCS_RUNTIME", "native") not in ("", "native"):
+        pytest.skip(f"native runtime only: {marker.args[0]}")
 
 
 @pytest.fixture

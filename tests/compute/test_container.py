@@ -18,6 +18,9 @@ import pyhcs
 
 from .conftest import run
 
+# tests of the native runtime's supervisor itself (one per client, pid 1 made ahead, ...)
+NATIVE_SUPERVISOR = pytest.mark.native_only("the native runtime's supervisor")
+
 Make = Callable[..., pyhcs.Container]
 
 
@@ -195,6 +198,7 @@ def test_container_survives_its_creator(busybox: list[str], unique_id: str) -> N
         pyhcs.remove_container(unique_id, force=True)
 
 
+@NATIVE_SUPERVISOR
 def test_killed_supervisor_reports_255(make_container: Make) -> None:
     # one supervisor process serves the client's containers: killing it ends them all
     _own_supervisor()
@@ -285,6 +289,7 @@ def _ns(pid: int | str, kind: str) -> str:
     return os.readlink(f"/proc/{pid}/ns/{kind}")
 
 
+@NATIVE_SUPERVISOR
 def test_one_supervisor_serves_the_clients_containers(make_container: Make) -> None:
     cs = [make_container() for _ in range(3)]
     for c in cs:
@@ -344,6 +349,7 @@ def test_a_running_container_remembers_its_last_exits(make_container: Make,
     assert [c.open_process(pid).exit_code() for pid in pids[2:]] == [2, 3, 4]
 
 
+@NATIVE_SUPERVISOR
 def test_supervisor_takes_the_environment_at_start(make_container: Make,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from pyhcs._runtime._cgroups import remove_parent
@@ -373,6 +379,7 @@ def test_supervisor_takes_the_environment_at_start(make_container: Make,
                 time.sleep(0.05)
 
 
+@NATIVE_SUPERVISOR
 def test_supervisor_makes_the_next_pid_1_ahead(make_container: Make) -> None:
     _own_supervisor()
     first = make_container()
@@ -402,6 +409,7 @@ def test_supervisor_makes_the_next_pid_1_ahead(make_container: Make) -> None:
     assert code == 0 and out.split()[0] == b"1"
 
 
+@NATIVE_SUPERVISOR
 def test_a_start_job_the_supervisor_cannot_read_is_answered(make_container: Make) -> None:
     """A job the supervisor fails on before it starts anything (here a spec without
     namespaces, compared with those of the pid 1 it has made ahead) gets an error reply:
@@ -436,6 +444,7 @@ def test_a_start_job_the_supervisor_cannot_read_is_answered(make_container: Make
     assert len(errors) == 1 and "namespaces" in str(errors[0]), errors
 
 
+@NATIVE_SUPERVISOR
 def test_supervisor_makes_the_next_pid_1_while_the_first_process_execs(
         make_container: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     from pyhcs._compute import _supervisor
@@ -460,6 +469,7 @@ def test_supervisor_makes_the_next_pid_1_while_the_first_process_execs(
     c.terminate()
 
 
+@NATIVE_SUPERVISOR
 def test_supervisor_raises_its_fd_limit_but_not_its_containers(
         make_container: Make) -> None:
     import resource
@@ -485,6 +495,7 @@ def test_supervisor_raises_its_fd_limit_but_not_its_containers(
         d.terminate()
 
 
+@NATIVE_SUPERVISOR
 def test_killed_supervisor_is_replaced(make_container: Make) -> None:
     _own_supervisor()
     make_container().start()
@@ -497,6 +508,7 @@ def test_killed_supervisor_is_replaced(make_container: Make) -> None:
     assert code == 0 and out == b"alive\n"
 
 
+@NATIVE_SUPERVISOR
 def test_supervisor_outlives_its_client_until_its_containers_end(busybox: list[str],
                                                                  roots: object) -> None:
     script = (
@@ -549,6 +561,7 @@ def test_explicit_roots_hold_the_sandbox(roots: object, tmp_path: Path) -> None:
     assert not (other.layers_dir / "elsewhere").exists()
 
 
+@NATIVE_SUPERVISOR
 def test_pid_1_killed_before_any_process_ends_the_container(make_container: Make) -> None:
     c = make_container()
     c.start()
@@ -564,6 +577,7 @@ def test_pid_1_killed_before_any_process_ends_the_container(make_container: Make
 
 
 
+@NATIVE_SUPERVISOR
 def test_container_is_released_even_if_its_end_cannot_be_recorded(make_container: Make,
                                                                    tmp_path: Path) -> None:
     """The supervisor answers the container's waiters with the final record, then writes

@@ -236,6 +236,8 @@ def test_wait_without_a_timeout_returns_at_the_exit(make_container: Make) -> Non
     p.close()
 
 
+@pytest.mark.native_only("OCI has no program path apart from argv[0]: "
+                         "ApplicationName replaces argv[0] there")
 def test_application_name_is_the_program_and_the_command_line_its_argv(
         make_container: Make) -> None:
     """As Windows's CreateProcess: ApplicationName is what runs, CommandLine its argv.
@@ -489,6 +491,8 @@ def test_environment_and_working_directory(make_container: Make) -> None:
     assert "/bin" in path.split(":")
 
 
+@pytest.mark.native_only("crun and runc create a missing working directory of the "
+                         "first process")
 def test_missing_working_directory_is_exec_failed(make_container: Make) -> None:
     c = make_container()
     c.start()

@@ -41,6 +41,11 @@ Differences from the native executor
   ``/etc/passwd`` and ``/etc/group`` (in a forked child confined to the container's root),
   then handed to the runtime as numeric ids.
 * ApplicationName replaces ``argv[0]`` (OCI has no separate executable path).
+* A WorkingDirectory missing from the image is created by the runtime for the first
+  process (as crun and runc do); natively, and for later processes, the process fails
+  with ``WAIT_ERR_EXEC_FAILED``.
+* HOME, when the process's environment has none, is ``/root`` for uid 0 and ``/``
+  otherwise, as natively (the runtime would read the container's ``/etc/passwd``).
 * A program that cannot be executed still gives a process that exits with
   ``WAIT_ERR_EXEC_FAILED`` and an ``exec_error`` (the runtime's message); its pid is a
   placeholder outside the container, since the runtime made none.
@@ -335,6 +340,12 @@ def _oci_process(sb: OciSandbox, process: dict[str, Any]) -> dict[str, Any]:
         uid, gid, groups = _resolve_user(sb, user)
         proc["user"] = {"uid": uid, "gid": gid, **({"additionalGids": groups} if groups
                                                      else {})}
+    env = list(proc.get("env", []))
+    if not any(e.startswith("HOME=") for e in env):
+        # as the native runtime; left unset, crun and runc would look HOME up in the
+        # container's /etc/passwd themselves, which its root may have made a FIFO
+        uid = int(proc.get("user", {}).get("uid", 0))
+        proc["env"] = [*env, "HOME=/root" if uid == 0 else "HOME=/"]
     return proc
 
 

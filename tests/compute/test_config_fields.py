@@ -168,12 +168,13 @@ def test_create_with_json_merges_over_the_config(busybox: list[str], unique_id: 
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("hv_partition", True), ("sandbox_path", "/var/lib/uvm"), ("credentials", "{}"),
+    ("hv_partition", True), ("hv_runtime", pyhcs.HvRuntime()), ("sandbox_path", "/var/lib/uvm"),
+    ("credentials", "{}"),
     ("servicing", True), ("is_dummy", True),
 ])
 def test_windows_only_fields_are_refused_by_name(make_container: Make, field: str,
                                                  value: object) -> None:
-    name = {"hv_partition": "HvPartition", "sandbox_path": "SandboxPath",
+    name = {"hv_partition": "HvPartition", "hv_runtime": "HvRuntime", "sandbox_path": "SandboxPath",
             "credentials": "Credentials", "servicing": "Servicing", "is_dummy": "IsDummy"}
     with pytest.raises(pyhcs.NotSupportedError, match=name[field]):
         make_container(**{field: value})

@@ -163,25 +163,25 @@ def _resources(config: ContainerConfig,
     return res
 
 
+#: ContainerConfig fields refused when set: (attribute, why), the message naming the field
+_REFUSED_FIELDS = (
+    ("hv_partition", "HvPartition: VM-isolated containers are not supported yet on Linux"),
+    ("hv_runtime", "HvRuntime: VM-isolated containers are not supported yet on Linux"),
+    # hcsshim's callers set it for a Hyper-V container's utility VM only
+    ("sandbox_path", "SandboxPath: it belongs to VM-isolated containers, not supported yet"),
+    ("credentials", "Credentials: Windows credential specs (gMSA) have no Linux equivalent"),
+    ("servicing", "Servicing: Windows servicing containers have no Linux equivalent"),
+    ("is_dummy", "IsDummy: dummy containers are not supported"),
+)
+
+
 def _check_windows_fields(config: ContainerConfig, rootfs: str) -> None:
     """Refuse, naming the field, what hcsshim hands to Windows and Linux cannot do; the
     fields accepted without effect are listed in the README (ContainerConfig on Linux)."""
     op = "CreateContainer"
-    if config.hv_partition or config.hv_runtime is not None:
-        raise NotSupportedError(
-            op, message="HvPartition: VM-isolated containers are not supported yet on Linux")
-    if config.sandbox_path:
-        # hcsshim's callers set it for a Hyper-V container's utility VM only
-        raise NotSupportedError(
-            op, message="SandboxPath: it belongs to VM-isolated containers, not supported yet")
-    if config.credentials:
-        raise NotSupportedError(
-            op, message="Credentials: Windows credential specs (gMSA) have no Linux equivalent")
-    if config.servicing:
-        raise NotSupportedError(
-            op, message="Servicing: Windows servicing containers have no Linux equivalent")
-    if config.is_dummy:
-        raise NotSupportedError(op, message="IsDummy: dummy containers are not supported")
+    for name, why in _REFUSED_FIELDS:
+        if getattr(config, name) not in (None, False, ""):
+            raise NotSupportedError(op, message=why)
     if config.volume_path and (
             not config.layer_folder_path
             or os.path.realpath(config.volume_path) != os.path.realpath(rootfs)):
